@@ -1,0 +1,6 @@
+"""structlab's own callbacks; everything else comes from Lightning."""
+
+from structlab.callbacks.guards import NonFiniteLossError, StopOnNonFiniteLoss
+from structlab.callbacks.speed import SpeedMonitor
+
+__all__ = ["NonFiniteLossError", "SpeedMonitor", "StopOnNonFiniteLoss"]

@@ -1,0 +1,16 @@
+"""Datamodules: each owns its data, finds it on disk offline and downloads when allowed."""
+
+from structlab.data.base import ImageDataModule, MissingDatasetError
+from structlab.data.cifar import CIFARDataModule
+from structlab.data.fashion_mnist import FashionMNISTDataModule
+from structlab.data.imagenet import ImageNetDataModule
+from structlab.data.synthetic import SyntheticImageDataModule
+
+__all__ = [
+    "CIFARDataModule",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "ImageNetDataModule",
+    "MissingDatasetError",
+    "SyntheticImageDataModule",
+]

@@ -1,0 +1,69 @@
+"""ImageNet as train/ and val/ ImageFolder trees, with timm's training transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision.datasets import ImageFolder
+
+from structlab.data.base import ImageDataModule, missing
+
+
+class ImageNetDataModule(ImageDataModule):
+    """`data_dir/{train,val}/<class>/<image>`; val doubles as test (ImageNet's test labels are private).
+
+    Augmentation (RandAugment, random erasing) runs in the workers on float tensors, so
+    normalisation happens there too (timm's transforms) rather than on the device.
+    """
+
+    in_chans = 3
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        interpolation: str = "bicubic",
+        crop_pct: float = 0.875,
+        num_classes: int = 1000,
+        **kw,
+    ) -> None:
+        kw.setdefault("mean", IMAGENET_DEFAULT_MEAN)
+        kw.setdefault("std", IMAGENET_DEFAULT_STD)
+        super().__init__(**kw)
+        self.img_size = img_size
+        self.aug = dict(auto_augment=auto_augment, re_prob=re_prob, interpolation=interpolation)
+        self.crop_pct = crop_pct
+        self.num_classes = num_classes
+
+    def split_dir(self, split: str) -> Path:
+        d = self.data_dir / split
+        if not d.is_dir() or not any(d.iterdir()):
+            raise missing(
+                f"ImageNet {split} split",
+                [d],
+                f"place the ILSVRC-2012 images as {self.data_dir}/{{train,val}}/<wnid>/*.JPEG "
+                "(val sorted into class folders) and set task.data.data_dir",
+            )
+        return d
+
+    def prepare_data(self) -> None:
+        self.split_dir("train"), self.split_dir("val")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        common = dict(input_size=self.img_size, mean=self.mean, std=self.std)
+        train_tf = create_transform(is_training=True, **common, **self.aug)
+        eval_tf = create_transform(is_training=False, crop_pct=self.crop_pct, interpolation="bicubic", **common)
+        self.train_set = ImageFolder(str(self.split_dir("train")), transform=train_tf)
+        self.val_set = ImageFolder(str(self.split_dir("val")), transform=eval_tf)
+        if self.val_set.classes != self.train_set.classes:
+            raise ValueError("train/ and val/ hold different class folders")
+        self.test_set = self.val_set
+        if len(self.train_set.classes) != self.num_classes:
+            raise ValueError(
+                f"{self.data_dir}/train has {len(self.train_set.classes)} class folders but the task expects "
+                f"{self.num_classes}: set task.num_classes={len(self.train_set.classes)}"
+            )
