@@ -40,14 +40,24 @@ def _find(directory: Path, stem: str) -> Path | None:
 class FashionMNISTDataModule(ImageDataModule):
     num_classes, in_chans, img_size = 10, 1, 28
 
-    def __init__(self, val_size: int = 5000, download: bool = True, flip: bool = True, seed: int = 0, **kw) -> None:
+    def __init__(
+        self,
+        val_size: int = 5000,
+        download: bool = True,
+        flip: bool = True,
+        seed: int = 0,
+        system_dir: str | None = str(DEBIAN_DIR),
+        **kw,
+    ) -> None:
         kw.setdefault("mean", (0.2860,))
         kw.setdefault("std", (0.3530,))
         super().__init__(**kw)
         self.val_size, self.download, self.flip, self.seed = val_size, download, flip, seed
+        self.system_dir = Path(system_dir) if system_dir else None
 
     def candidate_dirs(self) -> list[Path]:
-        return [self.data_dir / "fashion-mnist", self.data_dir / "FashionMNIST" / "raw", DEBIAN_DIR]
+        dirs = [self.data_dir / "fashion-mnist", self.data_dir / "FashionMNIST" / "raw"]
+        return dirs + ([self.system_dir] if self.system_dir else [])
 
     def locate(self) -> Path:
         for d in self.candidate_dirs():
@@ -83,6 +93,10 @@ class FashionMNISTDataModule(ImageDataModule):
         if self.train_set is not None:
             return
         full = self.split("train")
+        if not 0 <= self.val_size < len(full):
+            raise ValueError(
+                f"task.data.val_size={self.val_size} must be in [0, {len(full)}) for a training set of {len(full)} images"
+            )
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
         self.train_set = TensorImages(full.images[train_idx], full.labels[train_idx])

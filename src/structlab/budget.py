@@ -1,0 +1,194 @@
+"""The one budget definition and the MACs/params accounting built on it.
+
+Budget β: the fraction of the dense MACs per token of the *targeted* layers that the structured
+layers may spend, summed over layers (big layers weigh more). Everything is computed from the real
+shapes and the layers' own `macs_per_token()`, never from constants. The SVD-LLM "ratio" (fraction
+of parameters removed) is translated into β once, here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rank_from_budget(m: int, n: int, budget: float, multiple: int = 8) -> int:
+    """Rank k of an m×n low-rank layer spending a fraction `budget` of the dense MACs: k(m+n) ≈ β·mn.
+
+    k = ⌊β·mn/(m+n)⌋, rounded down to a multiple of `multiple` when k ≥ multiple (odd inner GEMM
+    sizes ran at half speed on the H100), at least 1 and at most min(m, n) (a larger rank adds
+    cost without adding expressiveness).
+    """
+    if not budget > 0 or not math.isfinite(budget):
+        raise ValueError(f"budget must be a positive finite fraction of the dense MACs, got {budget}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be ≥ 1, got {multiple}")
+    k = math.floor(budget * m * n / (m + n) + 1e-9)  # tolerance: 0.5·384 must give 192, not 191
+    if k >= multiple:
+        k -= k % multiple
+    return max(1, min(k, m, n))
+
+
+def budget_from_ratio(ratio: float) -> float:
+    """SVD-LLM's ratio (fraction of a layer's parameters removed) → structlab budget β = 1 − ratio.
+
+    For a low-rank layer params and MACs per token are both k(m+n), so the two agree per layer.
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio is the fraction of parameters removed and must lie in [0, 1), got {ratio}")
+    return 1.0 - ratio
+
+
+def ratio_from_budget(budget: float) -> float:
+    """Inverse of `budget_from_ratio`, for logging both."""
+    return 1.0 - budget
+
+
+def rank_from_ratio(m: int, n: int, ratio: float, multiple: int = 8) -> int:
+    """k = ⌊(1−ρ)·mn/(m+n)⌋ (then aligned like `rank_from_budget`; pass multiple=1 for SVD-LLM's ranks)."""
+    return rank_from_budget(m, n, budget_from_ratio(ratio), multiple)
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a module that computes a linear map per token, else None. Reads no weights."""
+    from structlab.layers.base import StructuredLinear
+
+    if isinstance(module, StructuredLinear | nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # HF GPT-2, weight in×out
+        return module.weight.shape[0], module.nf
+    return None
+
+
+def _mul_add(module: nn.Module, macs: int) -> tuple[int, int]:
+    """(multiplications, additions) per token: the layer's own split when it has one, else both = MACs."""
+    fn = getattr(module, "mul_add_per_token", None)
+    if fn is None:
+        return macs, macs
+    out = fn()
+    if isinstance(out, Mapping):
+        return int(out["mul"]), int(out["add"])
+    mul, add = out
+    return int(mul), int(add)
+
+
+def layer_costs(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per linear layer (nn.Linear, HF Conv1D, structured layer) of `model`.
+
+    Keys: name, type, in_features, out_features, params, macs_per_token, dense_macs, mul, add,
+    structured. Modules nested inside a counted layer are not counted again.
+    """
+    from structlab.layers.base import StructuredLinear
+
+    rows: list[dict[str, Any]] = []
+    counted: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in counted):
+            continue
+        shape = _linear_shape(module)
+        if shape is None:
+            continue
+        n_in, n_out = shape
+        structured = isinstance(module, StructuredLinear)
+        macs = int(module.macs_per_token()) if structured else n_in * n_out
+        params = module.num_params() if structured else sum(p.numel() for p in module.parameters())
+        mul, add = _mul_add(module, macs)
+        rows.append(
+            {
+                "name": name,
+                "type": module.layer_name if structured else type(module).__name__,
+                "in_features": n_in,
+                "out_features": n_out,
+                "params": params,
+                "macs_per_token": macs,
+                "dense_macs": n_in * n_out,
+                "mul": mul,
+                "add": add,
+                "structured": structured,
+            }
+        )
+        counted.append(name)
+    return rows
+
+
+def model_cost(model: nn.Module, tokens_per_sample: int = 1) -> dict[str, Any]:
+    """Totals over `layer_costs`: what the whole model costs and which budget its structured layers reach.
+
+    MACs per sample count every linear layer as applied to `tokens_per_sample` tokens (a classifier
+    head applied to one pooled token is over-counted; `macs_per_sample` measures the real graph).
+    `budget` is the achieved β = Σ structured MACs / Σ their dense MACs (None without structured layers).
+    """
+    rows = layer_costs(model)
+    st = [r for r in rows if r["structured"]]
+    st_macs = sum(r["macs_per_token"] for r in st)
+    st_dense = sum(r["dense_macs"] for r in st)
+    linear = sum(r["macs_per_token"] for r in rows)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "linear_params": sum(r["params"] for r in rows),
+        "linear_macs_per_token": linear,
+        "macs_per_sample": linear * tokens_per_sample,
+        "dense_macs_per_sample": sum(r["dense_macs"] for r in rows) * tokens_per_sample,
+        "mul_per_sample": sum(r["mul"] for r in rows) * tokens_per_sample,
+        "add_per_sample": sum(r["add"] for r in rows) * tokens_per_sample,
+        "structured_layers": len(st),
+        "structured_macs_per_token": st_macs,
+        "structured_dense_macs_per_token": st_dense,
+        "budget": st_macs / st_dense if st_dense else None,
+    }
+
+
+def _batch_size(x: Any) -> int | None:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0] if x.dim() else None
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, list | tuple) else ()
+    for v in values:
+        b = _batch_size(v)
+        if b is not None:
+            return b
+    return None
+
+
+def _sdpa_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """Flops of softmax(QKᵀ)V from the shapes (…, L, d): two matmuls, like torch's GPU SDPA formulas."""
+    return 2 * math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def _extra_flop_formulas() -> dict[Any, Any]:
+    """Ops FlopCounterMode misses: the CPU flash-attention kernel (so CPU and GPU counts agree)."""
+    from torch.utils.flop_counter import flop_registry
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None or op in flop_registry else {op: _sdpa_flops}
+
+
+def macs_per_sample(model: nn.Module, example_input: Any, batch_size: int | None = None) -> int:
+    """MACs of one forward pass per sample, measured by `FlopCounterMode` (its flops / 2).
+
+    Works for any model: counts every matmul/conv/attention actually executed (the CPU attention
+    kernel too, which FlopCounterMode alone skips). `example_input` is a tensor, a tuple (positional
+    args) or a dict (keyword args); the batch size is read from its first tensor's leading dim unless
+    given. Runs under no_grad in eval mode; each module's train/eval flag is restored afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    modes = [(m, m.training) for m in model.modules()]
+    batch = batch_size if batch_size is not None else (_batch_size(example_input) or 1)
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+    try:
+        model.eval()
+        with torch.no_grad(), counter:
+            if isinstance(example_input, Mapping):
+                model(**example_input)
+            elif isinstance(example_input, tuple):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return int(counter.get_total_flops()) // (2 * batch)

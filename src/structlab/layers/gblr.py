@@ -1,0 +1,1 @@
+"""gblr layer (being written)."""

@@ -1,0 +1,1 @@
+"""tsvd layer (being written)."""

@@ -1,0 +1,89 @@
+"""Every experiment composes and runs one fast-dev batch; struct mode catches override typos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from conftest import CONFIGS, compose_train
+from structlab.train import run
+
+EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix("")) for p in (CONFIGS / "experiment").rglob("*.yaml"))
+
+
+def test_experiments_are_found():
+    assert "fashion_mnist/vit_p7-dense" in EXPERIMENTS and len(EXPERIMENTS) >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, imagefolder_dir):
+    cfg = compose_train(f"experiment={experiment}", output_dir=tmp_path)
+    data = {"fashion_mnist": fmnist_dir, "cifar10": cifar_dir, "cifar100": cifar_dir, "imagenet": imagefolder_dir}
+    overrides = [
+        f"experiment={experiment}", "debug=fdr", "trainer=cpu", "trainer.precision=32-true",
+        "global_batch_size=null", "task.data.batch_size=2", "logger=csv", "print_config=false",
+    ]
+    if cfg.task.name in data:
+        overrides += [f"paths.data_dir={data[cfg.task.name]}", "task.data.download=false"]
+    if cfg.task.name == "fashion_mnist":
+        overrides += ["task.data.val_size=200"]
+    if cfg.task.name == "imagenet":
+        overrides += [f"task.data.data_dir={imagefolder_dir}", "task.num_classes=3", "task.data.num_workers=0"]
+    if "num_workers" in cfg.task.data:
+        overrides += ["task.data.num_workers=0"]
+    if cfg.task.name == "synthetic_imagenet":
+        overrides += ["task.data.img_size=224", "task.data.steps_per_epoch=1", "task.data.eval_steps=1"]
+    summary = run(compose_train(*overrides, output_dir=tmp_path))
+    assert summary["speed"]["epochs / steps"].endswith("/ 1")  # exactly one optimizer step
+    assert 0.0 <= summary["test"]["test/acc"] <= 1.0
+    assert summary["cost"]["MACs per sample"] > 0
+
+
+def test_default_config_is_the_offline_fashion_mnist_experiment():
+    default = compose_train()
+    explicit = compose_train("experiment=fashion_mnist/vit_p7-dense")
+    for key in ("model", "layer", "task", "trainer"):
+        assert default[key] == explicit[key]
+    assert default.trainer.accelerator == "cpu" and default.task.name == "fashion_mnist"
+
+
+def test_recipes_match_the_papers():
+    cifar = compose_train("experiment=cifar10/vit_s4-dense")
+    m = cifar.task.module
+    assert (m.optimizer.lr, m.optimizer.weight_decay, cifar.global_batch_size) == (5e-4, 0.05, 1024)
+    assert (m.scheduler.warmup_epochs, m.scheduler.cooldown_epochs, cifar.trainer.max_epochs) == (5, 10, 310)
+    assert (m.scheduler.warmup_lr, m.scheduler.min_lr, cifar.model.drop_path_rate) == (1e-6, 1e-5, 0.1)
+    assert (m.label_smoothing, m.mixup.mixup_alpha, m.mixup.cutmix_alpha) == (0.1, 0.8, 1.0)
+    assert cifar.task.data.auto_augment is True and cifar.model.name == "vit_small_patch4_32"
+    inet = compose_train("experiment=imagenet/vit_b16-dense")
+    m = inet.task.module
+    assert (m.optimizer.lr, m.optimizer.weight_decay, inet.global_batch_size) == (1e-3, 0.05, 1024)
+    assert (m.scheduler.warmup_epochs, inet.trainer.max_epochs, m.label_smoothing) == (10, 300, 0.1)
+    assert (m.mixup.mixup_alpha, m.mixup.cutmix_alpha) == (0.8, 1.0)
+    assert inet.task.data.auto_augment.startswith("rand-m9") and inet.task.data.re_prob == 0.25
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_epoch=3", "max_epoch"),  # typo in a key
+        ("task=imagenett", "imagenett"),  # unknown option of a group
+        ("model=vit_huge", "vit_huge"),
+        ("layer=monarch", "monarch"),
+    ],
+)
+def test_bad_overrides_are_errors(override, message):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(override)
+    text = str(err.value) + str(err.value.__cause__)
+    assert message in text
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train("task=imagenett")
+    text = str(err.value) + str(err.value.__cause__)
+    assert "fashion_mnist" in text and "cifar10" in text

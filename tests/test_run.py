@@ -1,0 +1,123 @@
+"""run.py end to end, in subprocesses, as a user runs it: outputs, resume, eval, DDP, wandb, launcher."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from structlab.config import run_id
+
+pytestmark = pytest.mark.slow
+
+
+def common(data: Path, logs: Path) -> list[str]:
+    return [f"paths.data_dir={data}", f"paths.log_dir={logs}", "task.data.val_size=200", "task.data.system_dir=null",
+            "task.data.download=false", "debug=limit", "trainer.enable_progress_bar=false"]
+
+
+def metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fmnist_dir) -> Path:
+    """One 2-epoch run that several tests look at (and resume from)."""
+    logs = tmp_path_factory.mktemp("logs")
+    ok(run_cli(*common(fmnist_dir, logs), "run_name=base"))
+    return logs / "runs" / "base"
+
+
+def test_run_writes_config_checkpoints_metrics_and_summary(trained):
+    config = (trained / "config.yaml").read_text()
+    assert "${" not in config and "name: vit_fmnist_p7" in config  # saved resolved
+    assert (trained / "checkpoints" / "last.ckpt").is_file() and (trained / "run.log").is_file()
+    rows = metrics(trained)
+    assert len(column(rows, "val/acc")) == 2 and len(column(rows, "train/loss_step")) == 8
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["run"]["name"] == "base" and summary["speed"]["epochs / steps"] == "2 / 8"
+    assert summary["test"]["test/acc"] == pytest.approx(column(rows, "test/acc")[0])
+    assert summary["cost"]["parameters"] == 306_826 and summary["speed"]["train samples/s (median step)"] > 0
+
+
+def test_resume_continues_from_last_checkpoint(trained, fmnist_dir):
+    logs = trained.parents[1]
+    again = run_cli(*common(fmnist_dir, logs), "run_name=base")  # without resume=true: refuse, lose nothing
+    assert again.returncode != 0 and "resume=true" in again.stderr
+    step_before = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    resumed = run_cli(*common(fmnist_dir, logs), "run_name=base", "resume=true", "trainer.max_epochs=3")
+    ok(resumed)
+    assert step_before == 8
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["speed"]["epochs / steps"] == "3 / 12"  # continued, did not restart
+    assert column(metrics(trained, 1), "train/loss_step") and min(int(r["step"]) for r in metrics(trained, 1)) >= 8
+    nothing = run_cli(*common(fmnist_dir, logs), "run_name=never-ran", "resume=true")
+    assert nothing.returncode != 0 and "does not exist" in nothing.stderr
+
+
+def test_eval_mode_scores_a_checkpoint(trained, fmnist_dir, tmp_path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    result = run_cli(*common(fmnist_dir, tmp_path), "run_name=ev", "mode=eval", f"ckpt_path={ckpt}",
+                     "trainer.limit_test_batches=null")
+    ok(result)
+    summary = json.loads((tmp_path / "runs" / "ev" / "summary.json").read_text())
+    assert summary["run"]["mode"] == "eval" and summary["test"]["test/acc"] > 0.5  # the fixture is learnable
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(trained, fmnist_dir, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "runs" / "nan"
+    shutil.copytree(trained, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    # zero normalisation std (a realistic config bug) turns the inputs into inf/NaN
+    result = run_cli(*common(fmnist_dir, tmp_path), "run_name=nan", "resume=true", "trainer.max_epochs=4",
+                     "+task.data.std=[0.0]")
+    assert result.returncode != 0
+    assert "training loss became" in result.stderr and "lower learning rate" in result.stderr
+    assert last.read_bytes() == before  # the good checkpoint is intact
+
+
+def test_ddp_on_two_cpu_processes(fmnist_dir, tmp_path):
+    result = run_cli(*common(fmnist_dir, tmp_path), "run_name=ddp", "trainer=ddp_cpu", "trainer.max_epochs=3",
+                     "task.data.batch_size=32")
+    ok(result)
+    out = result.stdout + result.stderr
+    assert "parameters identical on all 2 ranks" in out
+    losses = column(metrics(tmp_path / "runs" / "ddp"), "train/loss_epoch")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    assert summary["run"]["devices"] == 2
+
+
+def test_wandb_logs_offline_with_a_stable_id(fmnist_dir, tmp_path):
+    env = {"WANDB_API_KEY": "", "WANDB_DIR": ""}
+    ok(run_cli(*common(fmnist_dir, tmp_path), "run_name=wb", "logger=wandb", "trainer.max_epochs=1", env=env))
+    run_dir = tmp_path / "runs" / "wb"
+    expected = run_id("wb", str(run_dir))
+    files = list((run_dir / "wandb").glob(f"offline-run-*-{expected}/run-{expected}.wandb"))
+    assert len(files) == 1 and files[0].stat().st_size > 0
+
+
+def test_submitit_local_launcher(fmnist_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "launcher=local", *common(fmnist_dir, tmp_path), "trainer.max_epochs=1",
+                     f"hydra.sweep.dir={sweep}", "seed=1,2")
+    ok(result)
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["speed"]["epochs / steps"] == "1 / 4"
