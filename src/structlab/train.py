@@ -89,6 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print_config(cfg)
         save_config(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     ckpt = resume_checkpoint(cfg) if cfg.mode == "train" else None
     datamodule, module, trainer = build(cfg)
     for logger in trainer.loggers:
@@ -126,7 +127,7 @@ def summarize(cfg, module, datamodule, trainer, results, best: str, wall: float)
             "MACs per sample": macs_per_sample(module.model, sample.to(module.device)),
         },
         "speed": {
-            "train samples/s (median step)": round(speed.samples_per_sec(), 1) if speed else "n/a",
+            "train samples/s": round(speed.samples_per_sec(), 1) if speed else "n/a",
             "train wall time (s)": round(speed.fit_seconds, 1) if speed else "n/a",
             "total wall time (s)": round(wall, 1),
             "epochs / steps": f"{trainer.current_epoch} / {trainer.global_step}",
