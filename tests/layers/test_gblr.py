@@ -1,0 +1,231 @@
+"""gblr layer: Gaudi masks against the reference implementation, the analytic mask gradient, budget
+init and projection, fitting to a dense weight, and the compact export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from structlab.layers import make_layer
+from structlab.layers.gblr import (
+    GaudiGBLRLinear,
+    GBLRInference,
+    _GaudiMasks,
+    fit_to_dense,
+    gaudi_mask,
+    project_widths,
+)
+
+MASKS = Path(__file__).resolve().parents[1] / "fixtures" / "gaudi_masks_seed0.pt"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def randomise(layer: GaudiGBLRLinear, seed: int, max_width: float = 0.6) -> GaudiGBLRLinear:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.widths.copy_(torch.rand(layer.widths.shape, generator=g) * max_width)
+        layer.locations.copy_(torch.rand(layer.locations.shape, generator=g))
+    return layer
+
+
+def test_masks_equal_reference() -> None:
+    if not MASKS.exists():
+        pytest.skip(f"reference masks missing: {MASKS}")
+    cases = torch.load(MASKS, weights_only=True)["cases"]
+    assert len(cases) == 16
+    for c in cases:
+        got = gaudi_mask(c["widths"], c["locations"], c["n"], c["sigma"])
+        assert got.dtype == torch.float64 and got.shape == c["mask"].shape
+        assert (got - c["mask"]).abs().max() < 1e-6, (c["n"], c["sigma"])
+
+
+def test_box_is_the_gaudi_mask_on_the_grid() -> None:
+    n = 37
+    w = torch.tensor([0, 1, 5, 36, 37, 20], dtype=torch.float64) / n
+    loc = torch.tensor([3, 0, 34, 10, 5, 30], dtype=torch.float64) / n
+    (box,) = _GaudiMasks.apply(w[None], loc[None], (n,), None, True)
+    assert torch.allclose(box, gaudi_mask(w, loc, n), atol=1e-12)
+    assert box.sum(1).tolist() == [0, 1, 5, 36, 37, 20]
+
+
+@pytest.mark.parametrize("n", [8, 9, 37])
+@pytest.mark.parametrize("sigma", [None, 1.0, 10.0])
+def test_analytic_gradient_passes_gradcheck(n: int, sigma: float | None) -> None:
+    g = torch.Generator().manual_seed(n)
+    w = torch.rand(4, dtype=torch.float64, generator=g).requires_grad_()
+    loc = torch.rand(4, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: gaudi_mask(a, b, n, sigma), (w, loc))
+
+
+@pytest.mark.parametrize("sigma", [None, 3.0])
+def test_two_axes_in_one_node_pass_gradcheck(sigma: float | None) -> None:
+    """The layer computes both axes (different lengths) in one autograd node on a shared frequency grid."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(2, 3, dtype=torch.float64, generator=g).requires_grad_()
+    loc = torch.rand(2, 3, dtype=torch.float64, generator=g).requires_grad_()
+    out, inp = _GaudiMasks.apply(w, loc, (12, 5), sigma, False)
+    assert torch.allclose(out, gaudi_mask(w[0], loc[0], 12, sigma)) and torch.allclose(
+        inp, gaudi_mask(w[1], loc[1], 5, sigma)
+    )
+    assert torch.autograd.gradcheck(lambda a, b: _GaudiMasks.apply(a, b, (12, 5), sigma, False), (w, loc))
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 1.0])
+def test_init_at_budget(budget: float) -> None:
+    torch.manual_seed(0)
+    layer = make_layer("gblr", 96, 64, budget=budget)
+    assert 0.85 * budget * 96 * 64 <= layer.macs_per_token() <= budget * 96 * 64
+    w = layer.dense_weight()
+    dense_scale = torch.nn.Linear(96, 64).weight.norm()
+    assert 0.7 < float(w.norm() / dense_scale) < 1.3  # the usual output scale of a dense init
+
+
+def test_forward_paths_agree_and_train_everything() -> None:
+    """Few tokens take the skinny-GEMM path, many the materialised one; both compute x Wᵀ + b."""
+    torch.manual_seed(1)
+    layer = randomise(make_layer("gblr", 64, 48, components=8, rank=2, sigma=20.0), 1)
+    w = layer.dense_weight().detach()
+    for tokens in (3, 4000):
+        x = torch.randn(tokens, 64)
+        y = layer(x)
+        assert rel(y, x @ w.T + layer.bias) < 1e-5
+        layer.zero_grad()
+        y.square().mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_sigma_and_structure_round_trip() -> None:
+    torch.manual_seed(2)
+    layer = randomise(make_layer("gblr", 40, 56, sigma=5.0), 2).eval()
+    assert layer.sigma == 5.0
+    layer.sigma = 50.0  # what an annealing callback does
+    assert layer.sigma == 50.0
+    fresh = make_layer("gblr", 40, 56, **json.loads(json.dumps(layer.structure()))).eval()
+    assert fresh.sigma is None
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.sigma == 50.0
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+    for p in (layer.widths, layer.locations):
+        assert p._optim["weight_decay"] == 0.0 and p._optim["betas"] == (0.0, 0.999)
+
+
+def test_projection_meets_a_global_budget() -> None:
+    torch.manual_seed(3)
+    layers = [
+        make_layer("gblr", 64, 96, budget=1.0),
+        make_layer("gblr", 32, 32, budget=1.0, rank=2, components=8),
+    ]
+    dense = sum(la.in_features * la.out_features for la in layers)
+    before = [la.widths.detach().clone() for la in layers]
+    assert project_widths(layers, 2.0) == 0.0  # feasible: nothing moves
+    assert all(torch.equal(b, la.widths) for b, la in zip(before, layers, strict=True))
+    lam = project_widths(layers, 0.3, min_width=0.01)
+    assert lam > 0
+    assert sum(la.macs_per_token() for la in layers) <= 0.3 * dense
+    assert sum(la.macs_per_token() for la in layers) >= 0.27 * dense  # a projection, not a collapse
+    for b, la in zip(before, layers, strict=True):  # w = clip(w0 − λc, w_min, 1)
+        c = torch.tensor([[la.out_features], [la.in_features]]) * la.rank_per_component
+        assert torch.allclose(la.widths, (b - lam * c).clamp(0.01, 1.0), atol=1e-6)
+    again = [la.widths.detach().clone() for la in layers]
+    assert project_widths(layers, 0.3, min_width=0.01) == 0.0  # idempotent
+    assert all(torch.equal(a, la.widths) for a, la in zip(again, layers, strict=True))
+
+
+def blocky(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Four diagonal rank-2 blocks plus a weak global rank-3 part: GBLR's home ground."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(m, n)
+    bm, bn = m // 4, n // 4
+    for i in range(4):
+        w[i * bm : (i + 1) * bm, i * bn : (i + 1) * bn] = torch.randn(bm, 2, generator=g) @ torch.randn(
+            2, bn, generator=g
+        )
+    return w + 0.1 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["blocky", "gaussian"])
+def test_fit_to_dense_beats_low_rank(kind: str) -> None:
+    w = (
+        blocky(64, 96)
+        if kind == "blocky"
+        else torch.randn(64, 96, generator=torch.Generator().manual_seed(4))
+    )
+    budget = 0.25
+    k = int(budget * 64 * 96 / (64 + 96))
+    sv = torch.linalg.svdvals(w)
+    svd_err = float(sv[k:].norm() / sv.norm())
+    torch.manual_seed(5)
+    layer = GaudiGBLRLinear(96, 64, budget=budget, fit_steps=100)
+    err = fit_to_dense(layer, w, budget, steps=100)
+    assert abs(err - rel(layer.dense_weight().detach(), w)) < 1e-5
+    assert layer.macs_per_token() <= budget * 64 * 96
+    assert err < (0.5 if kind == "blocky" else 1.0) * svd_err, (err, svd_err)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"rank": 2, "components": 20}, {"budget": 0.25, "sigma": 30.0}, {"rounding": False}]
+)
+def test_export_equals_dense_weight(kw: dict) -> None:
+    torch.manual_seed(6)
+    layer = randomise(make_layer("gblr", 80, 48, **kw), 6).eval()
+    x = torch.randn(2, 9, 80)
+    with torch.no_grad():
+        ref = x @ layer.dense_weight().T + layer.bias
+        for overhead in (0, 16384):  # fine-grained block plan, and the default (may fall back to dense)
+            exported = layer.export(group_overhead=overhead, gather_cost=0)
+            assert isinstance(exported, GBLRInference)
+            assert rel(exported(x), ref) < 1e-4
+    with torch.no_grad():
+        sharp = layer.export(group_overhead=0, gather_cost=0)
+        if layer.rounding and layer.sigma is None:
+            assert not sharp.dense and sharp.plan_macs < 80 * 48  # zero blocks are skipped
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert rel(sharp(x).float(), ref) < 2e-2
+
+
+def test_export_wraps_around_and_drops_dead_components() -> None:
+    torch.manual_seed(7)
+    layer = make_layer("gblr", 32, 24, components=6)
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor([[0.5, 0.25, 0.0, 1.0, 0.5, 0.125], [0.5, 0.5, 0.5, 0.25, 0.0, 1.0]]))
+        layer.locations.copy_(
+            torch.tensor([[0.75, 0.0, 0.5, 0.0, 0.1, 0.9], [0.875, 0.6, 0.2, 0.9, 0.0, 0.0]])
+        )
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        exported = layer.export(group_overhead=0, gather_cost=0)
+        assert rel(exported(x), x @ layer.dense_weight().T + layer.bias) < 1e-5
+    assert exported.extra_dst.numel() > 0  # an input interval wrapped past the end
+    assert layer.macs_per_token() == (12 + 16) + (6 + 16) + (24 + 8) + (3 + 32)  # 2 and 4 are inactive
+    no_bias = make_layer("gblr", 16, 8, bias=False)
+    with torch.no_grad():
+        assert rel(no_bias.export(group_overhead=0)(x[:, :16]), x[:, :16] @ no_bias.dense_weight().T) < 1e-5
+
+
+def test_dead_components_are_skipped_after_projection() -> None:
+    """Components with no rows and no columns produce nothing and get no gradient; once a projection
+    has seen them the forward leaves them out (cheaper), with the same result."""
+    torch.manual_seed(8)
+    layer = randomise(make_layer("gblr", 64, 48), 8)
+    with torch.no_grad():
+        layer.widths[:, 10:] = 0.0
+    x = torch.randn(3, 64)
+    ref = x @ layer.dense_weight().detach().T + layer.bias.detach()
+    project_widths([layer], 10.0)
+    assert layer._live is not None and layer._live.numel() == 10
+    y = layer(x)
+    assert rel(y, ref) < 1e-5
+    y.square().sum().backward()
+    assert layer.widths.grad[:, 10:].abs().max() == 0 and layer.U.grad[:, 10:].abs().max() == 0
+    fresh = make_layer("gblr", 64, 48)
+    project_widths([fresh], 0.01)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh._live is None  # loading may revive components: back to computing all of them
