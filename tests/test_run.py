@@ -104,6 +104,20 @@ def test_ddp_on_two_cpu_processes(fmnist_dir, tmp_path):
     assert summary["run"]["devices"] == 2
 
 
+def test_resume_a_two_process_run_on_one_process(fmnist_dir, tmp_path):
+    """Same global batch on 2 processes and on 1 (gradient accumulation), and the step count continues."""
+    args = [*common(fmnist_dir, tmp_path), "run_name=moved", "global_batch_size=64", "task.data.batch_size=32"]
+    ok(run_cli(*args, "trainer=ddp_cpu", "trainer.max_epochs=1"))
+    run_dir = tmp_path / "runs" / "moved"
+    two = json.loads((run_dir / "summary.json").read_text())
+    assert two["run"]["global batch"].startswith("64 = 32 per device × 2 × 1")
+    assert two["speed"]["epochs / steps"] == "1 / 4"
+    ok(run_cli(*args, "trainer=cpu", "trainer.max_epochs=2", "resume=true"))
+    one = json.loads((run_dir / "summary.json").read_text())
+    assert one["run"]["global batch"].startswith("64 = 32 per device × 1 × 2")
+    assert one["speed"]["epochs / steps"] == "2 / 6"  # 4 steps, then 4 batches / 2 accumulated
+
+
 def test_wandb_logs_offline_with_a_stable_id(fmnist_dir, tmp_path):
     env = {"WANDB_API_KEY": "", "WANDB_DIR": ""}
     ok(run_cli(*common(fmnist_dir, tmp_path), "run_name=wb", "logger=wandb", "trainer.max_epochs=1", env=env))

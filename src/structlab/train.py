@@ -120,7 +120,9 @@ def summarize(cfg, module, datamodule, trainer, results, best: str, wall: float)
     loggers = {type(lg).__name__.replace("Logger", "").lower(): lg.log_dir or lg.save_dir for lg in trainer.loggers}
     return {
         "run": {"name": cfg.run_name, "mode": cfg.mode, "model": cfg.model.name, "layer": cfg.layer.name,
-                "task": cfg.task.name, "devices": trainer.world_size, "precision": str(trainer.precision)},
+                "task": cfg.task.name, "devices": trainer.world_size, "precision": str(trainer.precision),
+                "global batch": f"{datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches} = "
+                f"{datamodule.batch_size} per device × {trainer.world_size} × {trainer.accumulate_grad_batches} accumulated"},
         "test": metrics,
         "cost": {
             "parameters": sum(p.numel() for p in module.parameters()),
