@@ -37,4 +37,4 @@ def test_warmup_cosine_cooldown_values():
     assert lrs[0] == pytest.approx(1e-6) and lrs[10] == pytest.approx(1e-3)
     assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 45 / 90)))
     assert lrs[100] == pytest.approx(1e-5) and lrs[109] == pytest.approx(1e-5)
-    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101], strict=True))

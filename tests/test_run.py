@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import run_cli
 
-from conftest import run_cli
 from structlab.config import run_id
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,43 @@
+"""Helpers shared by tests (imported as `support`; `conftest` is not importable by name when
+several conftest.py files exist)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+os.environ.setdefault("STRUCTLAB_ROOT", str(ROOT))
+
+from structlab.config import register_resolvers  # noqa: E402
+
+register_resolvers()
+
+
+def compose_train(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+    """The root config with `overrides`, as `python run.py <overrides>` would compose it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=False)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.log_dir = str(output_dir)
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python run.py args...` in a subprocess (the robust way to test DDP and Hydra launchers)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v != ""}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
