@@ -42,7 +42,10 @@ def cifar_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
 
     def batch(n: int, key: str, classes: int) -> dict:
-        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, classes, n).tolist()}
+        return {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            key: rng.integers(0, classes, n).tolist(),
+        }
 
     ten = root / "cifar-10-batches-py"
     ten.mkdir()

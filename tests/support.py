@@ -33,11 +33,17 @@ def compose_train(*overrides: str, output_dir: Path | None = None) -> DictConfig
     return cfg
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python run.py args...` in a subprocess (the robust way to test DDP and Hydra launchers)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v != ""}
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

@@ -9,8 +9,14 @@ from structlab.config import batch_plan, run_id, world_size
 
 @pytest.mark.parametrize(
     "global_batch, per_device, world, expected",
-    [(None, 128, 4, (128, 1)), (1024, 128, 1, (128, 8)), (1024, 128, 2, (128, 4)), (1024, 128, 8, (128, 1)),
-     (1024, None, 2, (512, 1)), (1024, None, 1, (1024, 1))],
+    [
+        (None, 128, 4, (128, 1)),
+        (1024, 128, 1, (128, 8)),
+        (1024, 128, 2, (128, 4)),
+        (1024, 128, 8, (128, 1)),
+        (1024, None, 2, (512, 1)),
+        (1024, None, 1, (1024, 1)),
+    ],
 )
 def test_batch_plan_keeps_the_global_batch(global_batch, per_device, world, expected):
     per, accumulate = batch_plan(global_batch, per_device, world)

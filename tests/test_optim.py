@@ -13,7 +13,9 @@ from structlab.optim import param_groups, warmup_cosine
 
 
 def test_groups_split_decay_and_honour_optim_dicts():
-    model = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, depth=1, num_classes=10)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, depth=1, num_classes=10
+    )
     special = set_optim(model.head.weight, lr=0.1, weight_decay=0.0, betas=(0.0, 0.999))
     groups = param_groups(model, weight_decay=0.05)
     by_decay = {g["weight_decay"]: g for g in groups if "lr" not in g}
@@ -28,7 +30,9 @@ def test_groups_split_decay_and_honour_optim_dicts():
 def test_warmup_cosine_cooldown_values():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [p], "lr": 1e-3}])
-    sched = warmup_cosine(opt, total_steps=110, warmup_steps=10, cooldown_steps=10, warmup_lr=1e-6, min_lr=1e-5)
+    sched = warmup_cosine(
+        opt, total_steps=110, warmup_steps=10, cooldown_steps=10, warmup_lr=1e-6, min_lr=1e-5
+    )
     lrs = []
     for _ in range(110):
         lrs.append(opt.param_groups[0]["lr"])

@@ -16,8 +16,15 @@ pytestmark = pytest.mark.slow
 
 
 def common(data: Path, logs: Path) -> list[str]:
-    return [f"paths.data_dir={data}", f"paths.log_dir={logs}", "task.data.val_size=200", "task.data.system_dir=null",
-            "task.data.download=false", "debug=limit", "trainer.enable_progress_bar=false"]
+    return [
+        f"paths.data_dir={data}",
+        f"paths.log_dir={logs}",
+        "task.data.val_size=200",
+        "task.data.system_dir=null",
+        "task.data.download=false",
+        "debug=limit",
+        "trainer.enable_progress_bar=false",
+    ]
 
 
 def metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
@@ -51,6 +58,10 @@ def test_run_writes_config_checkpoints_metrics_and_summary(trained):
     assert summary["run"]["name"] == "base" and summary["speed"]["epochs / steps"] == "2 / 8"
     assert summary["test"]["test/acc"] == pytest.approx(column(rows, "test/acc")[0])
     assert summary["cost"]["parameters"] == 306_826 and summary["speed"]["train samples/s"] > 0
+    # ViT, 7×7 patches of 28×28: 16 patches + class token, width 96, MLP 192, 4 blocks, 10 classes
+    tokens, d, h = 17, 96, 192
+    block = tokens * (d * 3 * d + d * d + 2 * d * h) + 2 * tokens * tokens * d  # linears + QKᵀ and AV
+    assert summary["cost"]["MACs per sample (executed)"] == 16 * 49 * d + 4 * block + d * 10
 
 
 def test_resume_continues_from_last_checkpoint(trained, fmnist_dir):
@@ -63,15 +74,23 @@ def test_resume_continues_from_last_checkpoint(trained, fmnist_dir):
     assert step_before == 8
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["speed"]["epochs / steps"] == "3 / 12"  # continued, did not restart
-    assert column(metrics(trained, 1), "train/loss_step") and min(int(r["step"]) for r in metrics(trained, 1)) >= 8
+    assert (
+        column(metrics(trained, 1), "train/loss_step")
+        and min(int(r["step"]) for r in metrics(trained, 1)) >= 8
+    )
     nothing = run_cli(*common(fmnist_dir, logs), "run_name=never-ran", "resume=true")
     assert nothing.returncode != 0 and "does not exist" in nothing.stderr
 
 
 def test_eval_mode_scores_a_checkpoint(trained, fmnist_dir, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
-    result = run_cli(*common(fmnist_dir, tmp_path), "run_name=ev", "mode=eval", f"ckpt_path={ckpt}",
-                     "trainer.limit_test_batches=null")
+    result = run_cli(
+        *common(fmnist_dir, tmp_path),
+        "run_name=ev",
+        "mode=eval",
+        f"ckpt_path={ckpt}",
+        "trainer.limit_test_batches=null",
+    )
     ok(result)
     summary = json.loads((tmp_path / "runs" / "ev" / "summary.json").read_text())
     assert summary["run"]["mode"] == "eval" and summary["test"]["test/acc"] > 0.5  # the fixture is learnable
@@ -85,16 +104,26 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(trained, fmnist_dir, tmp
     last = run_dir / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     # zero normalisation std (a realistic config bug) turns the inputs into inf/NaN
-    result = run_cli(*common(fmnist_dir, tmp_path), "run_name=nan", "resume=true", "trainer.max_epochs=4",
-                     "+task.data.std=[0.0]")
+    result = run_cli(
+        *common(fmnist_dir, tmp_path),
+        "run_name=nan",
+        "resume=true",
+        "trainer.max_epochs=4",
+        "+task.data.std=[0.0]",
+    )
     assert result.returncode != 0
     assert "training loss became" in result.stderr and "lower learning rate" in result.stderr
     assert last.read_bytes() == before  # the good checkpoint is intact
 
 
 def test_ddp_on_two_cpu_processes(fmnist_dir, tmp_path):
-    result = run_cli(*common(fmnist_dir, tmp_path), "run_name=ddp", "trainer=ddp_cpu", "trainer.max_epochs=3",
-                     "task.data.batch_size=32")
+    result = run_cli(
+        *common(fmnist_dir, tmp_path),
+        "run_name=ddp",
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=3",
+        "task.data.batch_size=32",
+    )
     ok(result)
     out = result.stdout + result.stderr
     assert "parameters identical on all 2 ranks" in out
@@ -106,7 +135,12 @@ def test_ddp_on_two_cpu_processes(fmnist_dir, tmp_path):
 
 def test_resume_a_two_process_run_on_one_process(fmnist_dir, tmp_path):
     """Same global batch on 2 processes and on 1 (gradient accumulation), and the step count continues."""
-    args = [*common(fmnist_dir, tmp_path), "run_name=moved", "global_batch_size=64", "task.data.batch_size=32"]
+    args = [
+        *common(fmnist_dir, tmp_path),
+        "run_name=moved",
+        "global_batch_size=64",
+        "task.data.batch_size=32",
+    ]
     ok(run_cli(*args, "trainer=ddp_cpu", "trainer.max_epochs=1"))
     run_dir = tmp_path / "runs" / "moved"
     two = json.loads((run_dir / "summary.json").read_text())
@@ -129,8 +163,14 @@ def test_wandb_logs_offline_with_a_stable_id(fmnist_dir, tmp_path):
 
 def test_submitit_local_launcher(fmnist_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "launcher=local", *common(fmnist_dir, tmp_path), "trainer.max_epochs=1",
-                     f"hydra.sweep.dir={sweep}", "seed=1,2")
+    result = run_cli(
+        "-m",
+        "launcher=local",
+        *common(fmnist_dir, tmp_path),
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}",
+        "seed=1,2",
+    )
     ok(result)
     for job in ("0", "1"):
         summary = json.loads((sweep / job / "summary.json").read_text())

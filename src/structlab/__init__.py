@@ -1,2 +1,3 @@
 """structlab: structured linear layers under Hydra + Lightning."""
+
 __version__ = "0.1.0"

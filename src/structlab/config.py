@@ -49,7 +49,11 @@ def world_size(devices: Any, num_nodes: int, accelerator: str) -> int:
     if isinstance(devices, (list, tuple)):
         per_node = len(devices)
     elif devices in ("auto", -1, "-1"):
-        per_node = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else 1
+        per_node = (
+            torch.cuda.device_count()
+            if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+            else 1
+        )
     elif isinstance(devices, str) and "," in devices:
         per_node = len([d for d in devices.split(",") if d.strip()])
     else:

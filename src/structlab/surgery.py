@@ -35,7 +35,9 @@ def _is_linear(module: nn.Module) -> bool:
         return False
 
 
-def find_targets(model: nn.Module, targets: str | Iterable[str], exclude: str | Iterable[str] = ()) -> list[str]:
+def find_targets(
+    model: nn.Module, targets: str | Iterable[str], exclude: str | Iterable[str] = ()
+) -> list[str]:
     """Names of the linear modules whose full name matches a target and no exclude pattern."""
     inc, exc = _compile(targets), _compile(exclude)
     return [

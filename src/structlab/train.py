@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from structlab.budget import macs_per_sample
+from structlab.budget import macs_per_sample, model_cost
 from structlab.callbacks import SpeedMonitor
 from structlab.config import batch_plan, print_config, save_config, world_size
 from structlab.summary import write_summary
@@ -113,21 +113,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def cost_rows(model: torch.nn.Module, sample: torch.Tensor) -> dict[str, Any]:
+    """Parameters, MACs as executed (FlopCounterMode) and, with structured layers, the budget they reach."""
+    rows: dict[str, Any] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "MACs per sample (executed)": macs_per_sample(model, sample),
+    }
+    cost = model_cost(model)
+    if cost["structured_layers"]:
+        rows["structured layers"] = cost["structured_layers"]
+        rows["budget (structured MACs / dense)"] = round(cost["budget"], 4)
+    return rows
+
+
 def summarize(cfg, module, datamodule, trainer, results, best: str, wall: float) -> dict[str, Any]:
     speed = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
     sample = torch.zeros(1, datamodule.in_chans, datamodule.img_size, datamodule.img_size)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    loggers = {type(lg).__name__.replace("Logger", "").lower(): lg.log_dir or lg.save_dir for lg in trainer.loggers}
+    loggers = {
+        type(lg).__name__.replace("Logger", "").lower(): lg.log_dir or lg.save_dir for lg in trainer.loggers
+    }
     return {
-        "run": {"name": cfg.run_name, "mode": cfg.mode, "model": cfg.model.name, "layer": cfg.layer.name,
-                "task": cfg.task.name, "devices": trainer.world_size, "precision": str(trainer.precision),
-                "global batch": f"{datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches} = "
-                f"{datamodule.batch_size} per device × {trainer.world_size} × {trainer.accumulate_grad_batches} accumulated"},
-        "test": metrics,
-        "cost": {
-            "parameters": sum(p.numel() for p in module.parameters()),
-            "MACs per sample": macs_per_sample(module.model, sample.to(module.device)),
+        "run": {
+            "name": cfg.run_name,
+            "mode": cfg.mode,
+            "model": cfg.model.name,
+            "layer": cfg.layer.name,
+            "task": cfg.task.name,
+            "devices": trainer.world_size,
+            "precision": str(trainer.precision),
+            "global batch": f"{datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches} = "
+            f"{datamodule.batch_size} per device × {trainer.world_size} × {trainer.accumulate_grad_batches} accumulated",
         },
+        "test": metrics,
+        "cost": cost_rows(module.model, sample.to(module.device)),
         "speed": {
             "train samples/s": round(speed.samples_per_sec(), 1) if speed else "n/a",
             "train wall time (s)": round(speed.fit_seconds, 1) if speed else "n/a",

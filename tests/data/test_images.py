@@ -75,7 +75,9 @@ def test_imagenet_wrong_class_count_and_missing(imagefolder_dir, tmp_path):
 
 
 def test_synthetic_batches_repeat():
-    dm = SyntheticImageDataModule(img_size=32, num_classes=7, batch_size=5, steps_per_epoch=3, on_device=False)
+    dm = SyntheticImageDataModule(
+        img_size=32, num_classes=7, batch_size=5, steps_per_epoch=3, on_device=False
+    )
     dm.setup()
     batches = list(dm.train_dataloader())
     assert len(batches) == 3 and batches[0][0].shape == (5, 3, 32, 32) and batches[0][0] is batches[2][0]

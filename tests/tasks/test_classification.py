@@ -11,24 +11,42 @@ from torch.utils.data import DataLoader, TensorDataset
 from structlab.layers import LAYERS
 from structlab.tasks import ClassificationModule
 
-TINY = {"name": "vit_fmnist_p7", "depth": 2, "embed_dim": 32, "num_heads": 2,
-        "targets": ["blocks.*.attn.qkv", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"]}
+TINY = {
+    "name": "vit_fmnist_p7",
+    "depth": 2,
+    "embed_dim": 32,
+    "num_heads": 2,
+    "targets": ["blocks.*.attn.qkv", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"],
+}
 
 
 def loader(n: int = 16) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)),
-                      batch_size=8)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)),
+        batch_size=8,
+    )
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
-    return L.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=1, logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kw)
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
 
 
 def test_surgery_replaces_the_model_targets():
     m = ClassificationModule(model=TINY, layer={"name": "svd", "budget": 0.5})
-    kinds = {n: type(mod).__name__ for n, mod in m.model.named_modules() if n.endswith(("qkv", "proj", "fc1", "fc2"))}
+    kinds = {
+        n: type(mod).__name__
+        for n, mod in m.model.named_modules()
+        if n.endswith(("qkv", "proj", "fc1", "fc2"))
+    }
     assert kinds["blocks.0.attn.qkv"] == "LowRankLinear" and kinds["blocks.1.mlp.fc2"] == "LowRankLinear"
     assert kinds["blocks.0.attn.proj"] == "Linear"  # not a target
     dense = ClassificationModule(model=TINY)
@@ -54,8 +72,12 @@ def test_checkpoint_rebuilds_a_changed_structure(tmp_path):
 
 
 def test_mixup_training_step_uses_soft_targets(tmp_path):
-    m = ClassificationModule(model=TINY, mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0}, label_smoothing=0.1,
-                             scheduler={"warmup_epochs": 1})
+    m = ClassificationModule(
+        model=TINY,
+        mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0},
+        label_smoothing=0.1,
+        scheduler={"warmup_epochs": 1},
+    )
     t = trainer(tmp_path, limit_train_batches=2)
     t.fit(m, loader())
     assert torch.isfinite(t.callback_metrics["train/loss"]) and t.global_step == 2

@@ -3,5 +3,15 @@
 from structlab.callbacks.consistency import CheckRankConsistency, RankDivergenceError
 from structlab.callbacks.guards import NonFiniteLossError, StopOnNonFiniteLoss
 from structlab.callbacks.speed import SpeedMonitor
+from structlab.callbacks.structure import GBLRBudget, SigmaAnneal, TernaryRequantize
 
-__all__ = ["CheckRankConsistency", "NonFiniteLossError", "RankDivergenceError", "SpeedMonitor", "StopOnNonFiniteLoss"]
+__all__ = [
+    "CheckRankConsistency",
+    "GBLRBudget",
+    "NonFiniteLossError",
+    "RankDivergenceError",
+    "SigmaAnneal",
+    "SpeedMonitor",
+    "StopOnNonFiniteLoss",
+    "TernaryRequantize",
+]

@@ -47,7 +47,9 @@ class CheckRankConsistency(L.Callback):
         if trainer.is_global_zero:
             log.info(
                 "parameters identical on all %d ranks at step %d (%d tensors)",
-                trainer.world_size, trainer.global_step, mine.shape[0],
+                trainer.world_size,
+                trainer.global_step,
+                mine.shape[0],
             )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -22,7 +22,9 @@ class StopOnNonFiniteLoss(L.Callback):
     def __init__(self, every_n_steps: int = 1) -> None:
         self.every_n_steps = every_n_steps
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx % self.every_n_steps:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

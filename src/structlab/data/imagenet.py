@@ -56,7 +56,9 @@ class ImageNetDataModule(ImageDataModule):
             return
         common = dict(input_size=self.img_size, mean=self.mean, std=self.std)
         train_tf = create_transform(is_training=True, **common, **self.aug)
-        eval_tf = create_transform(is_training=False, crop_pct=self.crop_pct, interpolation="bicubic", **common)
+        eval_tf = create_transform(
+            is_training=False, crop_pct=self.crop_pct, interpolation="bicubic", **common
+        )
         self.train_set = ImageFolder(str(self.split_dir("train")), transform=train_tf)
         self.val_set = ImageFolder(str(self.split_dir("val")), transform=eval_tf)
         if self.val_set.classes != self.train_set.classes:

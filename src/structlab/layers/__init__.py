@@ -4,4 +4,12 @@ from structlab.layers import dense, gblr, svd, tsvd  # noqa: F401  (each registe
 from structlab.layers.base import StructuredLinear, dense_parts, set_optim
 from structlab.layers.registry import LAYERS, layer_class, make_layer, register_layer
 
-__all__ = ["LAYERS", "StructuredLinear", "dense_parts", "layer_class", "make_layer", "register_layer", "set_optim"]
+__all__ = [
+    "LAYERS",
+    "StructuredLinear",
+    "dense_parts",
+    "layer_class",
+    "make_layer",
+    "register_layer",
+    "set_optim",
+]

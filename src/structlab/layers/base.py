@@ -41,7 +41,9 @@ class StructuredLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+            raise ValueError(
+                f"in_features and out_features must be positive, got {in_features}, {out_features}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         if bias:
@@ -95,7 +97,9 @@ class StructuredLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 def set_optim(param: nn.Parameter, **settings: Any) -> nn.Parameter:

@@ -25,7 +25,9 @@ def layer_class(name: str) -> type[StructuredLinear]:
     try:
         return LAYERS[name]
     except KeyError:
-        raise ValueError(f"unknown layer type {name!r}; valid layer types: {', '.join(sorted(LAYERS))}") from None
+        raise ValueError(
+            f"unknown layer type {name!r}; valid layer types: {', '.join(sorted(LAYERS))}"
+        ) from None
 
 
 def make_layer(name: str, in_features: int, out_features: int, **kw: Any) -> StructuredLinear:

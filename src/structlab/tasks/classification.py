@@ -51,6 +51,7 @@ class ClassificationModule(L.LightningModule):
         if mixup and (mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0):
             self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
         self.label_smoothing = label_smoothing
+
         # validate_args=False: validation calls torch.unique, a host sync in every step. Training logs
         # top-1 only: top-5 goes through F.one_hot, which also syncs on CUDA (the GPU would idle).
         def metrics(prefix: str, top_k: tuple[int, ...]) -> MetricCollection:
@@ -119,7 +120,9 @@ class ClassificationModule(L.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         # estimated_stepping_batches has loaded the train loader, so its length is known here
-        per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        per_epoch = max(
+            1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        )
         s = self.scheduler_cfg
         schedule = warmup_cosine(
             optimizer,

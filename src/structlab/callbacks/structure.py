@@ -1,0 +1,284 @@
+"""Training-time control of the layers' structure: the gblr MAC budget, the Gaudi σ schedule and
+the re-decomposition of quantisation-aware tsvd layers (methods.md §4–5).
+
+All three act right after an optimizer step. Lightning has no callback hook for that moment, so
+they watch `trainer.global_step` in `on_train_batch_end`: it advances exactly once per optimizer
+step, whatever `accumulate_grad_batches` is, and is restored on resume. Every decision is a pure
+function of the (rank-identical) parameters and the step, or is broadcast from rank 0, so DDP
+ranks never diverge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from structlab.layers.gblr import GaudiGBLRLinear, project_widths
+from structlab.layers.tsvd import TernaryLinear
+
+log = logging.getLogger(__name__)
+
+
+def _layers_of(module: nn.Module, cls: type[nn.Module]) -> list[Any]:
+    return [m for m in module.modules() if isinstance(m, cls)]
+
+
+def _macs_fraction(layers: list[Any]) -> float:
+    """Σ MACs / Σ dense MACs over `layers` (the budget definition of structlab.budget)."""
+    dense = sum(la.dense_macs_per_token() for la in layers)
+    return sum(la.macs_per_token() for la in layers) / dense if dense else 0.0
+
+
+class _AfterOptimizerStep(L.Callback):
+    """Calls `after_step` once per real optimizer step (so once per `accumulate_grad_batches` batches).
+
+    Subclasses find their layers in `find_layers`; when there are none they stay idle and say so once.
+    """
+
+    what = "structured"
+
+    def __init__(self) -> None:
+        self.layers: list[Any] = []
+        self._last_step = 0
+
+    def find_layers(self, pl_module: L.LightningModule) -> list[Any]:
+        raise NotImplementedError
+
+    def after_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Hook for the subclasses, run at train start when there are layers to act on."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After checkpoint restore: surgery on load may have replaced modules, global_step is restored.
+        self.layers = self.find_layers(pl_module)
+        self._last_step = trainer.global_step
+        if not self.layers:
+            if trainer.is_global_zero:
+                log.info("%s: the model has no %s layer; doing nothing", type(self).__name__, self.what)
+            return
+        self.start(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_step:  # accumulating, or the step was skipped
+            return
+        self._last_step = trainer.global_step
+        if self.layers:
+            self.after_step(trainer, pl_module)
+
+
+class GBLRBudget(_AfterOptimizerStep):
+    """Keep every gblr layer of the model inside one global MAC budget during training.
+
+    After every `every_n_steps`-th optimizer step (and once at train start and at train end) all
+    widths are projected exactly onto {w ∈ [min_width, 1] : Σ MACs ≤ budget · Σ dense MACs} with
+    `project_widths` (float64 on the CPU: the same λ on every rank). `budget=None` takes the
+    layers' own budgets (their dense-MAC-weighted mean); `min_width=None` the largest of the
+    layers' own `min_width`. Logs the achieved budget and the mean width once per epoch.
+    """
+
+    what = "gblr"
+
+    def __init__(
+        self, budget: float | None = None, min_width: float | None = None, every_n_steps: int = 1
+    ) -> None:
+        super().__init__()
+        if budget is not None and not budget > 0:
+            raise ValueError(f"budget must be a positive fraction of the dense MACs, got {budget}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be ≥ 1, got {every_n_steps}")
+        self.budget, self.min_width, self.every_n_steps = budget, min_width, every_n_steps
+        self.projections = 0
+        self._projected_at: int | None = None
+        self._warned = False
+
+    def find_layers(self, pl_module: L.LightningModule) -> list[Any]:
+        return _layers_of(pl_module, GaudiGBLRLinear)
+
+    def target(self) -> float:
+        """The global budget in force: the given one, else the layers' own (dense-MAC weighted)."""
+        if self.budget is not None:
+            return float(self.budget)
+        dense = [la.dense_macs_per_token() for la in self.layers]
+        return sum(la.budget * d for la, d in zip(self.layers, dense, strict=True)) / sum(dense)
+
+    def floor(self) -> float:
+        """The lower bound of every width: the given one, else the largest of the layers' own."""
+        return self.min_width if self.min_width is not None else max(la.min_width for la in self.layers)
+
+    def project(self, trainer: L.Trainer) -> None:
+        floor, target = self.floor(), self.target()
+        project_widths(self.layers, target, floor)
+        self.projections += 1
+        self._projected_at = trainer.global_step
+        achieved = _macs_fraction(self.layers)
+        if achieved > target * (1 + 1e-9) and not self._warned and trainer.is_global_zero:
+            self._warned = True
+            log.warning(
+                "GBLRBudget: budget %.4f is unreachable with min_width %.4f (every width at its floor "
+                "costs %.4f of the dense MACs); lower min_width or raise the budget",
+                target,
+                floor,
+                achieved,
+            )
+
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        before = _macs_fraction(self.layers)
+        self.project(trainer)
+        if trainer.is_global_zero:
+            log.info(
+                "GBLRBudget: %d gblr layers, budget %.4f of their dense MACs (%.4f before the first "
+                "projection), min_width %g, every %d optimizer steps",
+                len(self.layers),
+                self.target(),
+                before,
+                self.floor(),
+                self.every_n_steps,
+            )
+
+    def after_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.project(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self.layers and self._projected_at != trainer.global_step
+        ):  # every_n_steps > 1: leave within budget
+            self.project(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.layers:
+            return
+        widths = torch.cat([la.widths.detach().float().clamp(0, 1).flatten().cpu() for la in self.layers])
+        pl_module.log("structure/budget", _macs_fraction(self.layers), on_step=False, on_epoch=True)
+        pl_module.log("structure/mean_width", float(widths.mean()), on_step=False, on_epoch=True)
+
+
+class SigmaAnneal(_AfterOptimizerStep):
+    """Anneal the Gaudi masks' Gaussian width σ of every gblr layer from `start` to `end`.
+
+    Small σ gives smooth masks (useful gradients for widths and locations early), large σ nearly
+    sharp boxes. σ is a function of the optimizer step t: progress p = t / T with T = `steps` or,
+    by default, `trainer.estimated_stepping_batches`, held at `end` after T; "exp" interpolates
+    log σ linearly (start·(end/start)^p), "linear" σ itself. Set at train start and after every
+    optimizer step, so validation and the final model see σ(T) = end. Logs `structure/sigma`.
+    """
+
+    what = "gblr"
+    SCHEDULES = ("exp", "linear")
+
+    def __init__(
+        self, start: float = 1.0, end: float = 100.0, schedule: str = "exp", steps: int | None = None
+    ) -> None:
+        super().__init__()
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(self.SCHEDULES)}")
+        if not (start > 0 and end > 0 and math.isfinite(start) and math.isfinite(end)):
+            raise ValueError(f"start and end must be positive and finite, got {start}, {end}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {steps}")
+        self.start_sigma, self.end_sigma, self.schedule, self.steps = (
+            float(start),
+            float(end),
+            schedule,
+            steps,
+        )
+        self.total: float = 1.0
+
+    def find_layers(self, pl_module: L.LightningModule) -> list[Any]:
+        return _layers_of(pl_module, GaudiGBLRLinear)
+
+    def value(self, step: int) -> float:
+        """σ after `step` optimizer steps."""
+        p = min(1.0, step / self.total)
+        if self.schedule == "exp":
+            return self.start_sigma * (self.end_sigma / self.start_sigma) ** p
+        return self.start_sigma + (self.end_sigma - self.start_sigma) * p
+
+    def _apply(self, step: int) -> float:
+        sigma = self.value(step)
+        for layer in self.layers:
+            layer.sigma = sigma
+        return sigma
+
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = self.steps if self.steps is not None else trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("SigmaAnneal needs a finite run (trainer.max_steps or max_epochs) or steps=...")
+        self.total = max(1.0, float(total))
+        sigma = self._apply(trainer.global_step)
+        if trainer.is_global_zero:
+            log.info(
+                "SigmaAnneal: σ %s from %g to %g over %d optimizer steps (now %g) on %d gblr layers",
+                self.schedule,
+                self.start_sigma,
+                self.end_sigma,
+                self.total,
+                sigma,
+                len(self.layers),
+            )
+
+    def after_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sigma = self._apply(trainer.global_step)
+        pl_module.log("structure/sigma", sigma, on_step=True, on_epoch=False)
+
+
+class TernaryRequantize(_AfterOptimizerStep):
+    """Re-decompose the latent weight of every quantisation-aware tsvd layer (`qat=True`) after every
+    `every_n_steps`-th optimizer step, as QAT needs (methods.md §4); post-training tsvd layers are
+    left alone. Under DDP with `broadcast` rank 0 decomposes and sends the factors to the other
+    ranks, so their ranks and patterns cannot diverge whatever the decomposition's numerics. Logs
+    the mean rank (`structure/tsvd_rank`) and the achieved budget (`structure/tsvd_budget`).
+    """
+
+    what = "quantisation-aware tsvd"
+
+    def __init__(self, every_n_steps: int = 1, broadcast: bool = True) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be ≥ 1, got {every_n_steps}")
+        self.every_n_steps, self.broadcast = every_n_steps, broadcast
+        self.redecompositions = 0
+
+    def find_layers(self, pl_module: L.LightningModule) -> list[Any]:
+        return [la for la in _layers_of(pl_module, TernaryLinear) if la.qat]
+
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info(
+                "TernaryRequantize: %d QAT tsvd layers, every %d optimizer steps",
+                len(self.layers),
+                self.every_n_steps,
+            )
+
+    def requantize(self, trainer: L.Trainer) -> None:
+        if trainer.world_size > 1 and self.broadcast:
+            factors = None
+            if trainer.is_global_zero:
+                for layer in self.layers:
+                    layer.redecompose()
+                factors = [(la.u.cpu(), la.scale.cpu(), la.v.cpu()) for la in self.layers]
+            factors = trainer.strategy.broadcast(factors, src=0)
+            if not trainer.is_global_zero:
+                for layer, (u, s, v) in zip(self.layers, factors, strict=True):
+                    dev = layer.weight.device
+                    layer._set_factors(u.to(dev), s.to(dev), v.to(dev))
+        else:
+            for layer in self.layers:
+                layer.redecompose()
+        self.redecompositions += 1
+
+    def after_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        self.requantize(trainer)
+        pl_module.log("structure/tsvd_rank", sum(la.rank for la in self.layers) / len(self.layers))
+        pl_module.log("structure/tsvd_budget", _macs_fraction(self.layers))

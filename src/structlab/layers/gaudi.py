@@ -1,0 +1,108 @@
+"""Gaudi masks (methods.md §5): soft boxes on one axis, and their analytic gradient.
+
+Kept apart from the layer because it is pure signal math: a mask is the inverse real FFT of a
+sinc spectrum (with an optional Gaussian smoothing), and its gradient in the width and location
+has a closed form that one rfft of the incoming gradient evaluates for every position at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(sizes: tuple[int, ...], sigma: float | None, device: torch.device, dtype: torch.dtype):
+    """Constants of a mask computation, built once per (sizes, σ, device, dtype): positions t, frequencies
+    f = 0…max(n)/2, lengths n (A×1×1), 1/sinc(f/n)·Gaussian (A×1×F) and the irfft weights c_f (1 at
+    DC and Nyquist, 2 between, 0 beyond an axis's own Nyquist)."""
+    with torch.inference_mode(False), torch.no_grad():
+        t = torch.arange(max(sizes), device=device, dtype=dtype)
+        f = t[: max(sizes) // 2 + 1].clone() if max(sizes) > 1 else torch.zeros(1, device=device, dtype=dtype)
+        n = torch.tensor(sizes, dtype=dtype, device=device).view(-1, 1, 1)
+        inside = f <= torch.div(n, 2, rounding_mode="floor")
+        base = 1.0 / torch.sinc(torch.where(inside, f / n, 0.0))
+        if sigma is not None:
+            base = base * torch.exp(-f.square() / (2.0 * sigma**2))
+        c = torch.where((f == 0) | (2 * f == n), 1.0, 2.0) * inside
+        return t, f, n, base, c
+
+
+def _spectrum(w: torch.Tensor, loc: torch.Tensor, sizes: tuple[int, ...], sigma: float | None):
+    """Spectra of A axes at once (w, loc: A×K; axis a has length sizes[a]) on one frequency grid:
+    amplitude A_f, ∂A_f/∂w and phase φ_f (all A×K×F), plus f and c_f from `_grid`."""
+    _, f, n, base, c = _grid(sizes, sigma, w.device, w.dtype)
+    w, loc = w.unsqueeze(-1), loc.unsqueeze(-1)
+    fw = f * w
+    amp = w * torch.sinc(fw) * base
+    damp = torch.cos(math.pi * fw) * base  # d/dw [w sinc(fw)] = cos(πfw)
+    phase = math.pi * (f / n - fw - 2.0 * f * loc)
+    return f, amp, damp, phase, c
+
+
+def _box(w: torch.Tensor, loc: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """The exact 0/1 cyclic interval masks the Gaudi formula gives at σ = ∞ on the 1/n grid (A×K×max n)."""
+    t, _, n, _, _ = _grid(sizes, None, w.device, w.dtype)
+    length = torch.minimum(torch.round(w * n[:, 0]).clamp_min(0), n[:, 0]).unsqueeze(-1)
+    start = torch.round(loc * n[:, 0]).unsqueeze(-1)
+    return (torch.remainder(t - start, n) < length).to(w.dtype)
+
+
+class _GaudiMasks(torch.autograd.Function):
+    """Masks of A axes (one K-vector of widths and locations each) in one autograd node.
+
+    Forward by irfft (or the exact box), backward by the analytic derivative of the spectrum:
+    ∂m_t/∂w = Σ_f c_f [A'_f cos θ + πf A_f sin θ], ∂m_t/∂ℓ = Σ_f c_f 2πf A_f sin θ, θ = φ_f + 2πft/n,
+    evaluated for every t at once through one rfft of the incoming gradient per axis.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, w: torch.Tensor, loc: torch.Tensor, sizes: tuple[int, ...], sigma: float | None, box: bool
+    ):
+        ctx.save_for_backward(w, loc)
+        ctx.sizes, ctx.sigma = sizes, sigma
+        if box:
+            masks = _box(w, loc, sizes)
+            return tuple(masks[a, :, :n] for a, n in enumerate(sizes))
+        _, amp, _, phase, _ = _spectrum(w, loc, sizes, sigma)
+        spec = torch.polar(torch.ones_like(phase), phase) * amp
+        return tuple(
+            torch.fft.irfft(spec[a, :, : n // 2 + 1], n, norm="forward") for a, n in enumerate(sizes)
+        )
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        w, loc = ctx.saved_tensors
+        sizes = ctx.sizes
+        f, amp, damp, phase, c = _spectrum(w, loc, sizes, ctx.sigma)
+        spec = phase.new_zeros(
+            phase.shape, dtype=torch.complex128 if w.dtype == torch.float64 else torch.complex64
+        )
+        for a, (n, g) in enumerate(zip(sizes, grads, strict=True)):
+            if g is not None:
+                spec[a, :, : n // 2 + 1] = torch.fft.rfft(g.to(w.dtype), n=n)  # G_f = Σ_t g_t e^{−2πift/n}
+        p = torch.polar(torch.ones_like(phase), phase) * spec.conj()  # Σ_t g_t e^{iθ}: cos and sin sums
+        weighted = c * amp * (math.pi * f) * p.imag
+        grad_w = (c * damp * p.real + weighted).sum(-1)
+        grad_loc = 2.0 * weighted.sum(-1)
+        return grad_w, grad_loc, None, None, None
+
+
+def gaudi_mask(
+    widths: torch.Tensor, locations: torch.Tensor, n: int, sigma: float | None = None
+) -> torch.Tensor:
+    """Gaudi masks (…, K) → (…, K, n): irfft of w·sinc(fw)/sinc(f/n)·e^{−f²/2σ²}·e^{iπf(1/n−w) − 2πifℓ}.
+
+    No rounding here (the layer rounds to the 1/n grid first). σ=None drops the Gaussian factor; then
+    integer w·n, ℓ·n give the exact 0/1 indicator of the cyclic interval [ℓn, ℓn + wn).
+    """
+    (mask,) = _GaudiMasks.apply(widths.reshape(1, -1), locations.reshape(1, -1), (n,), sigma, False)
+    return mask.reshape(*widths.shape, n)
+
+
+def _ste_round(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Round to the 1/n grid in the forward, identity in the backward."""
+    return x + (torch.round(x * n) / n - x).detach()
