@@ -4,59 +4,69 @@ nn.Linear eager and compiled, same process, CUDA events (median of 20 after 5 wa
     python scripts/bench_gblr_compile.py
 """
 
+from __future__ import annotations
+
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from structlab.layers import make_layer  # noqa: E402
 
-torch.manual_seed(0)
+TOKENS = 128 * 197
 
 
-def bench(fn, iters=20):
-    for _ in range(5):
+def median_ms(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> float:
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    ts = []
+    times = []
     for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        e.record()
+        end.record()
         torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
-for n_in, n_out in [(768, 3072), (3072, 768), (768, 768)]:
-    x = torch.randn(25216, n_in, device="cuda", requires_grad=True)
-    g = torch.randn(25216, n_out, device="cuda")
-    res = {}
-    for name, mk in [
-        ("dense", lambda: torch.nn.Linear(n_in, n_out)),
-        ("gblr1.0", lambda: make_layer("gblr", n_in, n_out, budget=1.0)),
-        ("gblr0.25", lambda: make_layer("gblr", n_in, n_out, budget=0.25)),
-    ]:
-        for comp in (False, True):
-            layer = mk().cuda()
-            f = torch.compile(layer) if comp else layer
+def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(grad)
 
-            def step():
-                x.grad = None
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = f(x)
-                y.backward(g)
+    return step
 
-            try:
-                res[(name, comp)] = bench(step)
-            except Exception as err:
-                res[(name, comp)] = float("nan")
-                print(name, comp, "failed:", type(err).__name__, str(err)[:300])
-    d0, d1 = res[("dense", False)], res[("dense", True)]
-    for (name, comp), t in res.items():
-        print(
-            f"{n_in}->{n_out} {name:9s} compile={comp!s:5s} {t:.3f} ms  vs dense eager {t / d0:.2f}x  vs dense compiled {t / d1:.2f}x"
-        )
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {TOKENS} tokens")
+    print("| shape | layer | eager ms | compiled ms | eager / dense eager | compiled / dense eager |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n_in, n_out in [(768, 3072), (3072, 768), (768, 768)]:
+        x = torch.randn(TOKENS, n_in, device="cuda", requires_grad=True)
+        grad = torch.randn(TOKENS, n_out, device="cuda")
+        cases = {
+            "dense": lambda i=n_in, o=n_out: nn.Linear(i, o),
+            "gblr β=1.0": lambda i=n_in, o=n_out: make_layer("gblr", i, o, budget=1.0),
+            "gblr β=0.25": lambda i=n_in, o=n_out: make_layer("gblr", i, o, budget=0.25),
+        }
+        base = None
+        for name, build in cases.items():
+            eager = median_ms(train_step(build().cuda(), x, grad))
+            compiled = median_ms(train_step(torch.compile(build().cuda()), x, grad))
+            base = base or eager
+            print(
+                f"| {n_in}→{n_out} | {name} | {eager:.3f} | {compiled:.3f} | {eager / base:.2f}× | {compiled / base:.2f}× |"
+            )
+
+
+if __name__ == "__main__":
+    main()
