@@ -23,6 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from structlab.bench import tsvd_reference_matrices  # noqa: E402
 from structlab.layers import make_layer  # noqa: E402
 from structlab.layers.tsvd import TernaryLinear  # noqa: E402
 
@@ -136,19 +137,9 @@ def bench_shapes(args: argparse.Namespace, device: torch.device, amp: torch.dtyp
     print("\n".join(infer_rows))
 
 
-def reference_matrices(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The TSVD reference matrices, built as methods.md §4 prescribes."""
-    g = torch.Generator().manual_seed(seed)
-    gaussian = torch.randn(256, 512, generator=g) / 512**0.5
-    u, _ = torch.linalg.qr(torch.randn(384, 384, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(768, 384, generator=g))
-    s = torch.arange(1, 385, dtype=torch.float32) ** -0.8
-    decay = (u * s) @ v.T + 0.01 * torch.randn(384, 768, generator=g) / 768**0.5
-    return {"gaussian 256×512": gaussian, "decay 384×768": decay}
-
-
 def bench_tsvd(args: argparse.Namespace, device: torch.device) -> None:
-    mats = reference_matrices()
+    ref = tsvd_reference_matrices()
+    mats = {"gaussian 256×512": ref["gaussian"], "decay 384×768": ref["decay"]}
     if not args.quick:
         import timm
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,6 @@ BERT_TARGETS = [
     r"encoder\.layer\.\d+\.attention\.output\.dense",
     r"encoder\.layer\.\d+\.(intermediate|output)\.dense",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """LAPACK SVD/eigh with 2 OpenMP threads on a busy 2-core machine runs 5-80× slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def vit() -> nn.Module:

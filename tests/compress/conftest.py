@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,15 +25,6 @@ SENTENCES = [
     "Volunteers planted two thousand trees along the abandoned railway line.",
     "Please remember to water the tomatoes before you leave for the airport.",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """LAPACK SVD/eigh with 2 OpenMP threads on a busy 2-core machine runs 5-80× slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -8,20 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from structlab.bench import tsvd_reference_matrices
 from structlab.compress.ternary import ternarize, ternary_decompose, ternary_stats
 
 REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "tsvd_reference_seed0.pt"
-
-
-def reference_matrices(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The two matrices of the reference file, rebuilt exactly as methods.md §4 prescribes."""
-    g = torch.Generator().manual_seed(seed)
-    gaussian = torch.randn(256, 512, generator=g) / 512**0.5
-    u, _ = torch.linalg.qr(torch.randn(384, 384, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(768, 384, generator=g))
-    s = torch.arange(1, 385, dtype=torch.float32) ** -0.8
-    decay = (u * s) @ v.T + 0.01 * torch.randn(384, 768, generator=g) / 768**0.5
-    return {"gaussian": gaussian, "decay": decay}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +19,7 @@ def reference() -> tuple[dict[str, torch.Tensor], dict[tuple[str, float], dict]]
     if not REFERENCE.exists():
         pytest.skip(f"reference figures missing: {REFERENCE}")
     rows = torch.load(REFERENCE, weights_only=True)["rows"]
-    return reference_matrices(), {(r["matrix"], r["tolerance"]): r for r in rows}
+    return tsvd_reference_matrices(), {(r["matrix"], r["tolerance"]): r for r in rows}
 
 
 def assert_ternary(u: torch.Tensor, v: torch.Tensor) -> None:
