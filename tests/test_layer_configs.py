@@ -16,8 +16,8 @@ from structlab.layers import layer_class
 from structlab.surgery import replace_layers
 
 STRUCTURED = ("svd", "tsvd", "gblr")
-# Deliberate differences from the constructor's defaults: configs spell out the budget users override.
-CONFIG_DEFAULTS = {("svd", "budget"): 0.5}
+# Deliberate differences from the constructor's defaults (none at present).
+CONFIG_DEFAULTS: dict[tuple[str, str], object] = {}
 
 
 def layer_cfg(name: str) -> dict:
