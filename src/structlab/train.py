@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,13 @@ def _callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """last.ckpt of this run when resuming; refuses to silently overwrite an existing run."""
+    """last.ckpt of this run when resuming; refuses to silently overwrite an existing run.
+
+    A job that SLURM requeued (SLURM_RESTART_COUNT > 0) resumes as if resume=true had been given.
+    """
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if cfg.resume:
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    if cfg.resume or (requeued and last.is_file()):
         if not last.is_file():
             raise FileNotFoundError(
                 f"resume=true but {last} does not exist. A run resumes by its run_name "
