@@ -137,7 +137,7 @@ def test_projection_runs_once_per_optimizer_step(
     ],
 )
 def test_sigma_follows_the_schedule(schedule: str, after_steps: list[float]) -> None:
-    m = module({"name": "gblr", "budget": 0.5})
+    m = module({"name": "gblr", "budget": 0.5, "sigma": 1.0})
     rec = Record()
     t = fit(
         m, [SigmaAnneal(start=1.0, end=100.0, schedule=schedule), rec], batches=8, accumulate_grad_batches=2
@@ -154,8 +154,15 @@ def test_sigma_follows_the_schedule(schedule: str, after_steps: list[float]) -> 
 def test_sigma_is_held_after_steps() -> None:
     cb = SigmaAnneal(start=2.0, end=50.0, schedule="exp", steps=2)
     rec = Record()
-    fit(module({"name": "gblr", "budget": 0.5}), [cb, rec], batches=3)
+    fit(module({"name": "gblr", "budget": 0.5, "sigma": 2.0}), [cb, rec], batches=3)
     assert [r[3] for r in rec.rows] == pytest.approx([10.0, 50.0, 50.0])  # 2·25^(1/2), then held
+
+
+def test_sharp_box_layers_keep_sigma_none() -> None:
+    m = module({"name": "gblr", "budget": 0.5})  # sigma=None: exact boxes
+    cb = SigmaAnneal(start=1.0, end=100.0)
+    fit(m, [cb], batches=2)
+    assert cb.layers == [] and all(g.sigma is None for g in layers(m, GaudiGBLRLinear))
 
 
 def test_ternary_layers_are_redecomposed_after_each_step() -> None:

@@ -163,7 +163,8 @@ class GBLRBudget(_AfterOptimizerStep):
 
 
 class SigmaAnneal(_AfterOptimizerStep):
-    """Anneal the Gaudi masks' Gaussian width σ of every gblr layer from `start` to `end`.
+    """Anneal the Gaudi masks' Gaussian width σ of every gblr layer built with a numeric σ
+    (`layer.sigma=1.0`, say) from `start` to `end`; sharp-box layers (σ = None) are left alone.
 
     Small σ gives smooth masks (useful gradients for widths and locations early), large σ nearly
     sharp boxes. σ is a function of the optimizer step t: progress p = t / T with T = `steps` or,
@@ -172,7 +173,7 @@ class SigmaAnneal(_AfterOptimizerStep):
     optimizer step, so validation and the final model see σ(T) = end. Logs `structure/sigma`.
     """
 
-    what = "gblr"
+    what = "gblr (with a numeric layer.sigma)"
     SCHEDULES = ("exp", "linear")
 
     def __init__(
@@ -194,7 +195,8 @@ class SigmaAnneal(_AfterOptimizerStep):
         self.total: float = 1.0
 
     def find_layers(self, pl_module: L.LightningModule) -> list[Any]:
-        return _layers_of(pl_module, GaudiGBLRLinear)
+        # sigma=None asks for sharp boxes (what export() exploits): those layers are left alone
+        return [g for g in _layers_of(pl_module, GaudiGBLRLinear) if g.sigma is not None]
 
     def value(self, step: int) -> float:
         """σ after `step` optimizer steps."""
