@@ -2,11 +2,15 @@
 against nn.Linear, and the stored size of tsvd's packed export.
 
     python scripts/bench_layers.py                       # GPU: 128×197 tokens, bf16 autocast
+    python scripts/bench_layers.py --graphs              # every callable replayed from a CUDA graph
     python scripts/bench_layers.py --device cpu --quick  # smoke check (< 30 s)
 
 Every figure is the median (min–max) of ≥ 10 timed calls after ≥ 3 warm-up calls, timed with CUDA
 events on a GPU (perf_counter after a synchronize on the CPU); dense and structured layers run in the
 same process on the same inputs, and the ratios are structured / dense time. Prints markdown tables.
+With --graphs each step (dense and structured alike) is captured once in a CUDA graph and replayed,
+as `torch.compile(mode="reduce-overhead")` or a serving stack would run it: that removes the host's
+kernel-launch cost and leaves the GPU time.
 """
 
 from __future__ import annotations
@@ -59,11 +63,25 @@ def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, amp: torch
     def step() -> None:
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        with torch.autocast(x.device.type, dtype=amp):
+        with torch.autocast(x.device.type, dtype=amp, cache_enabled=False):
             y = layer(x)
         y.backward(grad)
 
     return step
+
+
+def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """`fn` captured in a CUDA graph (after warm-up calls on a side stream, as capture requires)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def forward(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -91,6 +109,10 @@ def bench_shapes(args: argparse.Namespace, device: torch.device, amp: torch.dtyp
         "| --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     train_rows, infer_rows = [], []
+
+    def measure(fn: Callable[[], object]) -> dict[str, float]:
+        return timed(graphed(fn, device) if args.graphs else fn, device, args.warmup, args.iters)
+
     for n_in, n_out in SHAPES:
         if args.quick:
             n_in, n_out = n_in // 4, n_out // 4
@@ -100,11 +122,11 @@ def bench_shapes(args: argparse.Namespace, device: torch.device, amp: torch.dtyp
         grad = torch.randn(args.tokens, n_out, device=device)
         dense = nn.Linear(n_in, n_out).to(device)
         dm, dp = n_in * n_out, sum(p.numel() for p in dense.parameters())
-        base = timed(train_step(dense, x, grad, amp), device, args.warmup, args.iters)
+        base = measure(train_step(dense, x, grad, amp))
         train_rows.append(row(shape, "nn.Linear fwd+bwd", base, base["median"], dm, dm, dp))
         for budget in (1.0, 0.25):
             layer = make_layer("gblr", n_in, n_out, budget=budget).to(device)
-            t = timed(train_step(layer, x, grad, amp), device, args.warmup, args.iters)
+            t = measure(train_step(layer, x, grad, amp))
             train_rows.append(
                 row(
                     shape,
@@ -118,12 +140,12 @@ def bench_shapes(args: argparse.Namespace, device: torch.device, amp: torch.dtyp
             )
         # inference: weights cast once to the compute dtype, activations arrive in it (no autocast casts)
         xi = x.detach().to(amp)
-        base_f = timed(forward(dense.to(amp), xi), device, args.warmup, args.iters)
+        base_f = measure(forward(dense.to(amp), xi))
         infer_rows.append(row(shape, "nn.Linear fwd", base_f, base_f["median"], dm, dm, dp))
         for name in ("svd", "gblr"):
             layer = make_layer(name, n_in, n_out, budget=0.25).to(device).eval()
             exported = layer.export().to(amp)
-            t = timed(forward(exported, xi), device, args.warmup, args.iters)
+            t = measure(forward(exported, xi))
             params = sum(p.numel() for p in exported.parameters()) + sum(
                 b.numel() for b in exported.buffers()
             )
@@ -131,9 +153,10 @@ def bench_shapes(args: argparse.Namespace, device: torch.device, amp: torch.dtyp
             if name == "gblr":
                 label += f" ({'dense fallback' if exported.dense else f'{len(exported._stage1) + len(exported._stage2)} GEMMs'})"
             infer_rows.append(row(shape, label, t, base_f["median"], layer.macs_per_token(), dm, params))
-    print(f"\n### Training step (fwd+bwd), {args.tokens} tokens, {amp} autocast, {device}\n\n{header}")
+    mode = "CUDA graphs" if args.graphs else "eager"
+    print(f"\n### Training step (fwd+bwd), {args.tokens} tokens, {amp} autocast, {device}, {mode}\n\n{header}")
     print("\n".join(train_rows))
-    print(f"\n### Inference forward, {args.tokens} tokens, {amp} weights and inputs, {device}\n\n{header}")
+    print(f"\n### Inference forward, {args.tokens} tokens, {amp} weights and inputs, {device}, {mode}\n\n{header}")
     print("\n".join(infer_rows))
 
 
@@ -174,11 +197,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--skip-tsvd", action="store_true")
+    p.add_argument("--graphs", action="store_true", help="replay every step from a CUDA graph (GPU only)")
     args = p.parse_args()
     if args.tokens is None:
         args.tokens = 256 if args.quick else 128 * 197
     args.warmup, args.iters = max(3, args.warmup), max(10, args.iters)
     device = torch.device(args.device)
+    if args.graphs and device.type != "cuda":
+        p.error("--graphs needs a CUDA device")
     amp = getattr(torch, args.dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -100,6 +100,52 @@ def test_forward_paths_agree_and_train_everything() -> None:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
+@pytest.mark.parametrize(("rank", "bias"), [(1, True), (2, False)])
+def test_fused_box_path_equals_the_composed_one(rank: int, bias: bool) -> None:
+    """The default (sharp box, rounding) materialised path runs as one autograd node; outputs and the
+    gradients of x, U, V, widths, locations and bias equal the op-by-op composition in float64,
+    including wrapped intervals and widths outside [0, 1] (clamped: no gradient)."""
+    torch.manual_seed(3)
+    comps = 24 // rank  # K·r·(in + out) > in·out: the materialised path
+    layer = randomise(make_layer("gblr", 24, 40, components=comps, rank=rank, bias=bias), 3).double()
+    with torch.no_grad():
+        layer.widths[0, :3] = torch.tensor([1.2, -0.1, 0.5])
+        layer.locations[:, 3] = torch.tensor([0.9, 0.95])  # wraps around both axes
+        layer.widths[:, 3] = 0.3
+    x = torch.randn(500, 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(500, 40, dtype=torch.float64)
+    grads = []
+    for fused in (True, False):
+        y = layer(x) if fused else torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
+        assert (y.grad_fn.name() == "BoxGBLRLinearBackward") == fused
+        layer.zero_grad()
+        x.grad = None
+        y.backward(g)
+        grads.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for name, a, b in zip(["y", "x", *dict(layer.named_parameters())], *grads, strict=True):
+        assert rel(a, b) < 1e-12, name
+    assert layer.widths.grad[0, :2].abs().max() == 0  # widths 1.2 and -0.1 are clamped
+    assert layer.widths.grad.abs().sum() > 0 and layer.locations.grad.abs().sum() > 0
+
+
+def test_fused_box_path_under_autocast() -> None:
+    """Under bf16 autocast the fused node runs its GEMMs in bf16, like the composed path."""
+    torch.manual_seed(4)
+    layer = randomise(make_layer("gblr", 32, 48), 4)
+    x = torch.randn(400, 32, requires_grad=True)
+    outs = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x) if fused else torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
+        assert y.dtype == torch.bfloat16
+        layer.zero_grad()
+        x.grad = None
+        y.float().square().mean().backward()
+        outs.append([y.float(), x.grad.clone(), layer.U.grad.clone(), layer.locations.grad.clone()])
+    for a, b in zip(*outs, strict=True):
+        assert rel(a, b) < 2e-2
+
+
 def test_sigma_and_structure_round_trip() -> None:
     torch.manual_seed(2)
     layer = randomise(make_layer("gblr", 40, 56, sigma=5.0), 2).eval()

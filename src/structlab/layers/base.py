@@ -27,6 +27,14 @@ def dense_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     )
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on `x` runs in here: autocast's when it is on for x's device, else x's own."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 class StructuredLinear(nn.Module):
     """y = x Wᵀ + b where W is kept in some structured form.
 

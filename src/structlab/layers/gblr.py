@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from structlab.layers.base import StructuredLinear, set_optim
+from structlab.layers.base import StructuredLinear, compute_dtype, set_optim
+from structlab.layers.gblr_box import BoxGBLRLinear
 from structlab.layers.gaudi import _GaudiMasks, _grid, _ste_round, gaudi_mask
 from structlab.layers.gblr_export import GBLRInference
 from structlab.layers.gblr_fit import _rounded_macs, fit_to_dense, project_widths
@@ -161,8 +162,9 @@ class GaudiGBLRLinear(StructuredLinear):
         sigma = self.sigma
         sizes = (self.out_features, self.in_features)
         with torch.autocast(self.widths.device.type, enabled=False):
-            w = self.widths.float().clamp(0.0, 1.0)
-            loc = self.locations.float()
+            dtype = torch.promote_types(self.widths.dtype, torch.float32)
+            w = self.widths.to(dtype).clamp(0.0, 1.0)
+            loc = self.locations.to(dtype)
             if self.rounding:
                 n = _grid(sizes, None, w.device, w.dtype)[2][:, 0]
                 w, loc = _ste_round(w, n), _ste_round(loc, n)
@@ -200,17 +202,30 @@ class GaudiGBLRLinear(StructuredLinear):
             self._live = cols.to(self.U.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = self.masked_factors()
         live = getattr(self, "_live", None)
-        if live is not None:
-            if live.device != u.device:
-                live = self._live = live.to(u.device)
-            u, v = u.index_select(1, live), v.index_select(1, live)
-        m, n, kr = self.out_features, self.in_features, u.shape[1]
+        m, n = self.out_features, self.in_features
+        kr = self.U.shape[1] if live is None else live.numel()
         tokens = x.numel() // n
-        if tokens * kr * (m + n) < kr * m * n + tokens * m * n:
+        if tokens * kr * (m + n) < kr * m * n + tokens * m * n:  # two skinny GEMMs beat W
+            u, v = self.masked_factors()
+            if live is not None:
+                if live.device != u.device:
+                    live = self._live = live.to(u.device)
+                u, v = u.index_select(1, live), v.index_select(1, live)
             return F.linear(F.linear(x, v.T), u, self.bias)
-        return F.linear(x, u @ v.T, self.bias)
+        if self.sigma is None and self.rounding:  # the default: one fused autograd node
+            dtype = compute_dtype(x)
+            wdt = torch.promote_types(self.widths.dtype, torch.float32)
+            return BoxGBLRLinear.apply(
+                x.to(dtype),
+                self.U,
+                self.V,
+                self.widths.to(wdt),
+                self.locations.to(wdt),
+                None if self.bias is None else self.bias.to(dtype),
+                self.rank_per_component,
+            )
+        return F.linear(x, self.dense_weight(), self.bias)
 
     # --- reporting ----------------------------------------------------------------------------
     def macs_per_token(self) -> int:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from structlab.layers.base import compute_dtype
+
 
 def _cyclic_support(mask: torch.Tensor) -> tuple[int, int]:
     """(start, length) of the shortest cyclic interval holding every non-zero of a 1-D mask."""
@@ -32,14 +34,15 @@ def _pieces(start: int, length: int, n: int) -> list[tuple[int, int]]:
 
 
 def _group_hulls(starts: np.ndarray, ends: np.ndarray, cols: int, overhead: int) -> list[tuple[int, int]]:
-    """Split pieces sorted by start into consecutive groups minimising Σ hull·columns + overhead."""
+    """Split pieces sorted by start into consecutive groups minimising Σ hull·columns + overhead
+    (hulls and column counts padded to the ALIGN grid, as the GEMMs run them)."""
     p = len(starts)
     best = np.zeros(p + 1)
     cut = np.zeros(p + 1, dtype=int)
     for j in range(1, p + 1):
-        hull = np.maximum.accumulate(ends[:j][::-1])[::-1] - starts[:j]
-        count = (j - np.arange(j)) * cols
-        total = best[:j] + hull * np.maximum(count, 8) + overhead
+        hull = _up(np.maximum.accumulate(ends[:j][::-1])[::-1]) - _down(starts[:j])
+        count = _up((j - np.arange(j)) * cols)
+        total = best[:j] + hull * count + overhead
         cut[j] = int(np.argmin(total))
         best[j] = total[cut[j]]
     groups, j = [], p
@@ -50,8 +53,9 @@ def _group_hulls(starts: np.ndarray, ends: np.ndarray, cols: int, overhead: int)
 
 
 def _segments(starts: np.ndarray, ends: np.ndarray, size: int, cols: int, overhead: int, gather: int):
-    """Partition [0, size) into output segments minimising Σ len·(overlapping columns + 1) + costs."""
-    points = np.unique(np.concatenate([[0, size], starts, ends]))
+    """Partition [0, size) into output segments (ends on the ALIGN grid) minimising
+    Σ len·(overlapping columns + 1) + per-segment and per-gathered-column costs."""
+    points = np.unique(np.concatenate([[0, size], _down(starts), _up(ends)]).clip(0, size))
     s_sorted, e_sorted = np.sort(starts), np.sort(ends)
     q = len(points)
     best = np.full(q, np.inf)
@@ -61,7 +65,7 @@ def _segments(starts: np.ndarray, ends: np.ndarray, size: int, cols: int, overhe
         a = points[:j]
         b = points[j]
         overlap = np.searchsorted(s_sorted, b, "left") - np.searchsorted(e_sorted, a, "right")
-        width = overlap * cols + 1
+        width = _up(overlap * cols + 1)
         total = best[:j] + (b - a) * width + overhead + gather * width
         cut[j] = int(np.argmin(total))
         best[j] = total[cut[j]]
@@ -72,6 +76,17 @@ def _segments(starts: np.ndarray, ends: np.ndarray, size: int, cols: int, overhe
     return segs[::-1]
 
 
+ALIGN = 8  # GEMM operands start and span multiples of 8 elements (16 bytes): tensor-core kernels need it
+
+
+def _down(x):  # noqa: ANN001, ANN202
+    return x // ALIGN * ALIGN
+
+
+def _up(x):  # noqa: ANN001, ANN202
+    return -(-x // ALIGN) * ALIGN
+
+
 class GBLRInference(nn.Module):
     """Exported Gaudi-GBLR: y = x Ṽ Ũᵀ + b computed block by block, skipping the masks' zeros.
 
@@ -79,8 +94,10 @@ class GBLRInference(nn.Module):
     wasted MACs against GEMM launches) and writes z = x Ṽ into one buffer, a GEMM per group over the
     group's input slice. Stage 2 partitions the output axis into segments; each segment gathers the
     z columns of the components that reach it and writes its slice of y with one GEMM whose extra
-    ones-column adds the bias, so y is written once. When this plan costs more than the dense matrix
-    (wide blocks, soft masks), the module stores W and runs one dense GEMM instead.
+    ones-column adds the bias, so y is written once. Every slice, offset and inner dimension is padded
+    with zeros to a multiple of 8 elements: unaligned bf16 GEMMs fall off the tensor-core kernels (4×
+    slower on an H100). When this plan costs more than the dense matrix (wide blocks, soft masks),
+    the module stores W and runs one dense GEMM instead.
     """
 
     def __init__(
@@ -113,22 +130,24 @@ class GBLRInference(nn.Module):
             st = np.array([p[0] for p in in_pieces])
             en = np.array([p[1] for p in in_pieces])
             for i, j in _group_hulls(st, en, rank, group_overhead):
-                lo_, hi_ = int(st[i:j].min()), int(en[i:j].max())
-                block = v.new_zeros(hi_ - lo_, (j - i) * rank)
+                lo_, hi_ = int(_down(st[i:j].min())), min(n, int(_up(en[i:j].max())))
+                width = int(_up((j - i) * rank))
+                block = v.new_zeros(hi_ - lo_, width)
                 for c, (a, b, k) in enumerate(in_pieces[i:j]):
                     block[a - lo_ : b - lo_, c * rank : (c + 1) * rank] = v[a:b, k * rank : (k + 1) * rank]
                     col_of.setdefault(k, []).append(offset + c * rank)
-                stage1.append((lo_, hi_, offset, offset + (j - i) * rank, block))
-                plan_cost += (hi_ - lo_) * (j - i) * rank + group_overhead
-                offset += (j - i) * rank
-        ones = offset
+                stage1.append((lo_, hi_, offset, offset + width, block))
+                plan_cost += (hi_ - lo_) * width + group_overhead
+                offset += width
+        ones, zero = offset, offset + 1  # z's last ALIGN columns: a ones column (bias), then zeros
         gather, extra_dst, extra_src = [], [], []
         so = np.array([p[0] for p in out_pieces], dtype=int)
         eo = np.array([p[1] for p in out_pieces], dtype=int)
         for a, b in _segments(so, eo, m, rank, group_overhead, gather_cost):
             ks = sorted({k for (s, e, k) in out_pieces if s < b and e > a})
             start = len(gather)
-            block = u.new_zeros(len(ks) * rank + 1, b - a)
+            width = int(_up(len(ks) * rank + 1))
+            block = u.new_zeros(width, b - a)
             for c, k in enumerate(ks):
                 block[c * rank : (c + 1) * rank] = u[a:b, k * rank : (k + 1) * rank].T
                 first, *rest = col_of[k]
@@ -137,14 +156,14 @@ class GBLRInference(nn.Module):
                     for other in rest:
                         extra_dst.append(start + c * rank + q)
                         extra_src.append(other + q)
-            gather.append(ones)
-            block[-1] = bias[a:b]
+            block[len(ks) * rank] = bias[a:b]
+            gather += [ones] + [zero] * (width - len(ks) * rank - 1)
             stage2.append((a, b, start, len(gather), block))
-            plan_cost += (b - a) * (len(ks) * rank + 1) + group_overhead + gather_cost * (len(ks) * rank + 1)
+            plan_cost += (b - a) * width + group_overhead + gather_cost * width
         self.dense = plan_cost >= m * n
         self._stage1 = [(a, b, c0, c1) for a, b, c0, c1, _ in stage1]
         self._stage2 = [(a, b, c0, c1) for a, b, c0, c1, _ in stage2]
-        self.width = offset + 1
+        self.width = offset + ALIGN
         if self.dense:
             self.register_buffer("weight", u @ v.T)
             self.register_buffer("bias", bias)
@@ -159,13 +178,14 @@ class GBLRInference(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        dtype = _gemm_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, self.in_features).to(dtype)
             if self.dense:
                 return F.linear(x2, self.weight.to(dtype), self.bias.to(dtype)).view(*lead, self.out_features)
             z = x2.new_empty(x2.shape[0], self.width)
-            z[:, -1] = 1.0
+            z[:, -ALIGN:] = 0.0
+            z[:, -ALIGN] = 1.0
             for (a, b, c0, c1), blk in zip(self._stage1, self.blocks_in, strict=True):
                 torch.mm(x2[:, a:b], blk.to(dtype), out=z[:, c0:c1])
             z2 = z.index_select(1, self.gather_idx)
@@ -182,13 +202,3 @@ class GBLRInference(nn.Module):
             f"gemms={len(self._stage1) + len(self._stage2)}, plan_macs={self.plan_macs}"
         )
 
-
-def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
-    kind = x.device.type
-    try:
-        if torch.is_autocast_enabled(kind):
-            return torch.get_autocast_dtype(kind)
-    except (TypeError, AttributeError):
-        if kind == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-    return x.dtype
