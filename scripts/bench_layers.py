@@ -154,9 +154,13 @@ def bench_shapes(args: argparse.Namespace, device: torch.device, amp: torch.dtyp
                 label += f" ({'dense fallback' if exported.dense else f'{len(exported._stage1) + len(exported._stage2)} GEMMs'})"
             infer_rows.append(row(shape, label, t, base_f["median"], layer.macs_per_token(), dm, params))
     mode = "CUDA graphs" if args.graphs else "eager"
-    print(f"\n### Training step (fwd+bwd), {args.tokens} tokens, {amp} autocast, {device}, {mode}\n\n{header}")
+    print(
+        f"\n### Training step (fwd+bwd), {args.tokens} tokens, {amp} autocast, {device}, {mode}\n\n{header}"
+    )
     print("\n".join(train_rows))
-    print(f"\n### Inference forward, {args.tokens} tokens, {amp} weights and inputs, {device}, {mode}\n\n{header}")
+    print(
+        f"\n### Inference forward, {args.tokens} tokens, {amp} weights and inputs, {device}, {mode}\n\n{header}"
+    )
     print("\n".join(infer_rows))
 
 

@@ -64,25 +64,28 @@ def test_gpu_gblr_fused_path_matches_composed_and_graphs():
     for a, b in zip(*grads, strict=True):
         assert float((a - b).norm() / b.norm()) < 1e-4
 
-    xs = x.detach()  # no grad accumulated into a tensor made outside the capture
+    fresh = make_layer("gblr", 96, 160, budget=0.5).cuda()  # the capture recipe of bench_layers.py --graphs
+    xg = torch.randn(4000, 96, device="cuda", requires_grad=True)
 
     def step():
-        layer.zero_grad(set_to_none=True)
+        fresh.zero_grad(set_to_none=True)
+        xg.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            y = layer(xs)
+            y = fresh(xg)
         y.backward(g)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()
+        for _ in range(3):
+            step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.isfinite(layer.widths.grad).all() and layer.U.grad.abs().sum() > 0
+    assert torch.isfinite(fresh.widths.grad).all() and fresh.U.grad.abs().sum() > 0
 
 
 def test_gpu_gblr_compiled_training(tmp_path):

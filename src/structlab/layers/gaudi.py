@@ -88,7 +88,8 @@ def mask_grads(
     (∂L/∂w, ∂L/∂loc), both A×K, by the analytic derivative of the spectrum (see `_GaudiMasks`)."""
     _, f, n, base, c = _grid(sizes, sigma, w.device, w.dtype)
     spec = w.new_zeros(
-        (len(sizes), w.shape[1], f.numel()), dtype=torch.complex128 if w.dtype == torch.float64 else torch.complex64
+        (len(sizes), w.shape[1], f.numel()),
+        dtype=torch.complex128 if w.dtype == torch.float64 else torch.complex64,
     )
     for a, (size, g) in enumerate(zip(sizes, grads, strict=True)):
         if g is not None:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from structlab.layers.base import StructuredLinear, compute_dtype, set_optim
-from structlab.layers.gblr_box import BoxGBLRLinear
 from structlab.layers.gaudi import _GaudiMasks, _grid, _ste_round, gaudi_mask
+from structlab.layers.gblr_box import BoxGBLRLinear
 from structlab.layers.gblr_export import GBLRInference
 from structlab.layers.gblr_fit import _rounded_macs, fit_to_dense, project_widths
 from structlab.layers.registry import register_layer

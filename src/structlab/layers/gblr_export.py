@@ -201,4 +201,3 @@ class GBLRInference(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, dense={self.dense}, "
             f"gemms={len(self._stage1) + len(self._stage2)}, plan_macs={self.plan_macs}"
         )
-
