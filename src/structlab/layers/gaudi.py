@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 
@@ -94,8 +95,17 @@ def mask_grads(
     for a, (size, g) in enumerate(zip(sizes, grads, strict=True)):
         if g is not None:
             spec[a, :, : size // 2 + 1] = torch.fft.rfft(g.to(w.dtype), n=size)  # G_f = Σ_t g_t e^{−2πift/n}
-    terms = _compiled_terms() if w.is_cuda else _spectral_terms
-    return terms(w, loc, spec.real, spec.imag, f, n, c * base)
+    args = (w, loc, spec.real, spec.imag, f, n, c * base)
+    if w.is_cuda and not _COMPILE_FAILED:
+        try:
+            return _compiled_terms()(*args)
+        except Exception as err:  # no Triton for this GPU, no C compiler, …: stay correct, eager
+            _COMPILE_FAILED.append(err)
+            warnings.warn(f"gblr mask gradient runs eager: torch.compile failed ({err!r:.200})", stacklevel=2)
+    return _spectral_terms(*args)
+
+
+_COMPILE_FAILED: list[Exception] = []
 
 
 def _spectral_terms(w, loc, g_re, g_im, f, n, cb):  # noqa: ANN001, ANN202

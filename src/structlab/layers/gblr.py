@@ -4,7 +4,8 @@ Each of K components is a rank-r block whose rows and columns are soft boxes (Ga
 learnable width and location per axis. Training forward: the masked factors Ũ = U ⊙ M_out (m×Kr),
 Ṽ = V ⊙ M_in (n×Kr) are cheap to form; per call we either materialise W = ŨṼᵀ (costs mnKr, then a
 dense GEMM) or run the two skinny GEMMs x Ṽ Ũᵀ (T·Kr(m+n)), whichever is cheaper — never the K
-per-component m×n products of the reference. Inference (`export()`) skips every zero block.
+per-component m×n products of the reference. The default materialised case (sharp boxes, rounding)
+runs as one autograd node (gblr_box.py). Inference (`export()`) skips every zero block.
 
 The mask math lives in gaudi.py, the cost/budget projection/dense fit in gblr_fit.py and the
 inference form in gblr_export.py; this module re-exports their public names.
