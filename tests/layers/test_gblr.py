@@ -275,3 +275,27 @@ def test_dead_components_are_skipped_after_projection() -> None:
     project_widths([fresh], 0.01)
     fresh.load_state_dict(layer.state_dict())
     assert fresh._live is None  # loading may revive components: back to computing all of them
+
+
+def test_compiles_in_one_graph_and_matches_eager() -> None:
+    """torch.compile traces the fused node, forward and backward, with no graph break (a break per
+    layer made compiled ViTs slower than eager), and computes what eager computes, before and after."""
+    torch.manual_seed(8)
+    layer = randomise(make_layer("gblr", 48, 80, budget=0.5), 8)
+    x = torch.randn(512, 48, requires_grad=True)
+
+    def loss(inp: torch.Tensor) -> torch.Tensor:
+        return layer(inp).square().mean()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (loss, compiled, loss):
+        layer.zero_grad()
+        x.grad = None
+        out = fn(x)
+        out.backward()
+        grads.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    assert layer.widths.grad.abs().sum() > 0
+    for eager, traced, again in zip(*grads, strict=True):
+        assert torch.allclose(traced, eager, rtol=1e-5, atol=1e-7)
+        assert torch.equal(again, eager)

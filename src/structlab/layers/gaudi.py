@@ -14,21 +14,32 @@ import warnings
 import torch
 
 
-@functools.lru_cache(maxsize=64)
 def _grid(sizes: tuple[int, ...], sigma: float | None, device: torch.device, dtype: torch.dtype):
-    """Constants of a mask computation, built once per (sizes, σ, device, dtype): positions t, frequencies
-    f = 0…max(n)/2, lengths n (A×1×1), 1/sinc(f/n)·Gaussian (A×1×F) and the irfft weights c_f (1 at
-    DC and Nyquist, 2 between, 0 beyond an axis's own Nyquist)."""
+    """Constants of a mask computation: positions t, frequencies f = 0…max(n)/2, lengths n (A×1×1),
+    1/sinc(f/n)·Gaussian (A×1×F) and the irfft weights c_f (1 at DC and Nyquist, 2 between, 0 beyond
+    an axis's own Nyquist). Cached per (sizes, σ, device, dtype) in eager mode; while torch.compile
+    traces they are built inline (and folded), so the cache never holds a traced value."""
+    if torch.compiler.is_compiling():
+        return _grid_tensors(sizes, sigma, device, dtype)
+    return _grid_cached(sizes, sigma, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_cached(sizes: tuple[int, ...], sigma: float | None, device: torch.device, dtype: torch.dtype):
     with torch.inference_mode(False), torch.no_grad():
-        t = torch.arange(max(sizes), device=device, dtype=dtype)
-        f = t[: max(sizes) // 2 + 1].clone() if max(sizes) > 1 else torch.zeros(1, device=device, dtype=dtype)
-        n = torch.tensor(sizes, dtype=dtype, device=device).view(-1, 1, 1)
-        inside = f <= torch.div(n, 2, rounding_mode="floor")
-        base = 1.0 / torch.sinc(torch.where(inside, f / n, 0.0))
-        if sigma is not None:
-            base = base * torch.exp(-f.square() / (2.0 * sigma**2))
-        c = torch.where((f == 0) | (2 * f == n), 1.0, 2.0) * inside
-        return t, f, n, base, c
+        return _grid_tensors(sizes, sigma, device, dtype)
+
+
+def _grid_tensors(sizes: tuple[int, ...], sigma: float | None, device: torch.device, dtype: torch.dtype):
+    t = torch.arange(max(sizes), device=device, dtype=dtype)
+    f = t[: max(sizes) // 2 + 1].clone() if max(sizes) > 1 else torch.zeros(1, device=device, dtype=dtype)
+    n = torch.tensor(sizes, dtype=dtype, device=device).view(-1, 1, 1)
+    inside = f <= torch.div(n, 2, rounding_mode="floor")
+    base = 1.0 / torch.sinc(torch.where(inside, f / n, 0.0))
+    if sigma is not None:
+        base = base * torch.exp(-f.square() / (2.0 * sigma**2))
+    c = torch.where((f == 0) | (2 * f == n), 1.0, 2.0) * inside
+    return t, f, n, base, c
 
 
 def _spectrum(w: torch.Tensor, loc: torch.Tensor, sizes: tuple[int, ...], sigma: float | None):
@@ -96,7 +107,7 @@ def mask_grads(
         if g is not None:
             spec[a, :, : size // 2 + 1] = torch.fft.rfft(g.to(w.dtype), n=size)  # G_f = Σ_t g_t e^{−2πift/n}
     args = (w, loc, spec.real, spec.imag, f, n, c * base)
-    if w.is_cuda and not _COMPILE_FAILED:
+    if w.is_cuda and not _COMPILE_FAILED and not torch.compiler.is_compiling():
         try:
             return _compiled_terms()(*args)
         except Exception as err:  # no Triton for this GPU, no C compiler, …: stay correct, eager
