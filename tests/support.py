@@ -33,17 +33,33 @@ def compose_train(*overrides: str, output_dir: Path | None = None) -> DictConfig
     return cfg
 
 
+def _cli_env(env: dict | None) -> dict:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "", **(env or {})}
+    return {k: v for k, v in full_env.items() if v != ""}
+
+
 def run_cli(
     *args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`python run.py args...` in a subprocess (the robust way to test DDP and Hydra launchers)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "", **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v != ""}
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=cwd,
-        env=full_env,
+        env=_cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def spawn_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Popen:
+    """`python run.py args...` started in its own process group (kill it with os.killpg)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=_cli_env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )

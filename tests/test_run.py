@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from support import run_cli
+from support import run_cli, spawn_cli
 
 from structlab.config import run_id
 
@@ -150,6 +154,54 @@ def test_resume_a_two_process_run_on_one_process(fmnist_dir, tmp_path):
     one = json.loads((run_dir / "summary.json").read_text())
     assert one["run"]["global batch"].startswith("64 = 32 per device × 1 × 2")
     assert one["speed"]["epochs / steps"] == "2 / 6"  # 4 steps, then 4 batches / 2 accumulated
+
+
+def test_kill_a_two_process_gblr_run_and_resume_on_one_and_two(fmnist_dir, tmp_path):
+    """A 2-process gblr run killed mid-epoch (SIGKILL, no clean-up) resumes from the periodic
+    last.ckpt on 1 process and on 2: the step count continues, the structure and the global batch
+    are the same, the loss carries on from where it was, and the 2-process resume ends with every
+    rank's parameters (widths and locations included) identical."""
+    args = [
+        *common(fmnist_dir, tmp_path),
+        "layer=gblr",
+        "layer.init=scratch",
+        "layer.budget=0.5",
+        "global_batch_size=64",
+        "task.data.batch_size=32",
+        "trainer.limit_train_batches=1.0",
+        "trainer.max_epochs=20",
+        "callbacks.periodic_checkpoint.every_n_train_steps=3",
+    ]
+    run_dir = tmp_path / "runs" / "killed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = spawn_cli(*args, "run_name=killed", "trainer=ddp_cpu")
+    try:
+        step = 0
+        deadline = time.monotonic() + 400
+        while step < 6:  # two periodic saves in (an epoch here is 16 steps)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+            if last.is_file():
+                step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    step = saved["global_step"]
+    assert step >= 6
+    before = column(metrics(run_dir), "train/loss_step")
+    for name, trainer in (("one", "trainer=cpu"), ("two", "trainer=ddp_cpu")):
+        shutil.copytree(run_dir, tmp_path / "runs" / name)
+        result = run_cli(*args, f"run_name={name}", trainer, "resume=true", f"trainer.max_steps={step + 4}")
+        ok(result)
+        summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+        assert summary["speed"]["epochs / steps"].endswith(f"/ {step + 4}")
+        assert summary["run"]["global batch"].startswith("64 = ")
+        resumed = torch.load(tmp_path / "runs" / name / "checkpoints" / "last.ckpt", weights_only=False)
+        assert resumed["structure"] == saved["structure"] and resumed["global_step"] == step + 4
+        after = column(metrics(tmp_path / "runs" / name, version=1), "train/loss_step")
+        assert sum(after[:3]) / 3 < sum(before[:3]) / 3 - 0.1, (before, after)  # not a fresh start
+    assert "parameters identical on all 2 ranks" in result.stdout + result.stderr
 
 
 def test_wandb_logs_offline_with_a_stable_id(fmnist_dir, tmp_path):
