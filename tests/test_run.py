@@ -156,6 +156,33 @@ def test_resume_a_two_process_run_on_one_process(fmnist_dir, tmp_path):
     assert one["speed"]["epochs / steps"] == "2 / 6"  # 4 steps, then 4 batches / 2 accumulated
 
 
+def test_global_batch_rule_gives_one_schedule_on_one_and_two_processes(fmnist_dir, tmp_path):
+    """global_batch_size=64 as 32 × 2 processes and as 32 × 1 × 2 accumulated: the same optimizer
+    steps, and the same learning rate at every step (warmup and cosine count optimizer steps)."""
+    lrs = {}
+    for name, trainer in (("two", "trainer=ddp_cpu"), ("one", "trainer=cpu")):
+        ok(
+            run_cli(
+                *common(fmnist_dir, tmp_path),
+                f"run_name={name}",
+                trainer,
+                "global_batch_size=64",
+                "task.data.batch_size=32",
+                "trainer.limit_train_batches=1.0",
+                "trainer.max_epochs=1",
+            )
+        )
+        rows = metrics(tmp_path / "runs" / name)
+        lrs[name] = sorted(
+            {(int(r["step"]), float(r["lr-AdamW/pg1"])) for r in rows if r.get("lr-AdamW/pg1")}
+        )
+        steps = json.loads((tmp_path / "runs" / name / "summary.json").read_text())["speed"]["epochs / steps"]
+        assert steps == "1 / 15"  # 1000 training samples // 64: whole global batches only
+    assert len(lrs["one"]) == 15 and lrs["one"] == lrs["two"]
+    values = [lr for _, lr in lrs["one"]]
+    assert values[0] < values[7] and values[-1] < values[7]  # warmup, then decay: a schedule, not a constant
+
+
 def test_kill_a_two_process_gblr_run_and_resume_on_one_and_two(fmnist_dir, tmp_path):
     """A 2-process gblr run killed mid-epoch (SIGKILL, no clean-up) resumes from the periodic
     last.ckpt on 1 process and on 2: the step count continues, the structure and the global batch

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from structlab.budget import macs_per_sample, model_cost
-from structlab.callbacks import SpeedMonitor
+from structlab.callbacks import SpeedMonitor, WholeGlobalBatches
 from structlab.config import batch_plan, print_config, save_config, world_size
 from structlab.summary import write_summary
 
@@ -32,7 +32,7 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def _callbacks(cfg: DictConfig) -> list[L.Callback]:
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), WholeGlobalBatches()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return callbacks

@@ -1,5 +1,6 @@
 """structlab's own callbacks; everything else comes from Lightning."""
 
+from structlab.callbacks.batches import WholeGlobalBatches
 from structlab.callbacks.consistency import CheckRankConsistency, RankDivergenceError
 from structlab.callbacks.guards import NonFiniteLossError, StopOnNonFiniteLoss
 from structlab.callbacks.speed import SpeedMonitor
@@ -14,4 +15,5 @@ __all__ = [
     "SpeedMonitor",
     "StopOnNonFiniteLoss",
     "TernaryRequantize",
+    "WholeGlobalBatches",
 ]

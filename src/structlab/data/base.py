@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
+
+    def train_batches_per_device(self, world: int) -> int | None:
+        """Full training batches each of `world` processes gets per epoch (DistributedSampler pads the
+        dataset to a multiple of `world`; the loader drops the last partial batch)."""
+        if self.train_set is None:
+            return None
+        return math.ceil(len(self.train_set) / world) // self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -61,3 +63,6 @@ class SyntheticImageDataModule(ImageDataModule):
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
+
+    def train_batches_per_device(self, world: int) -> int | None:
+        return None if self.train_set is None else math.ceil(len(self.train_set) / world)  # items are batches
