@@ -63,3 +63,19 @@ def spawn_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subproce
         text=True,
         start_new_session=True,
     )
+
+
+def fused_vs_composed_gblr(layer, x, grad_y) -> dict[str, tuple]:
+    """{name: (fused, composed)} for y and the gradients of x and every parameter of a gblr `layer`:
+    once through its forward (which must take the fused sharp-box node) and once op by op."""
+    import torch
+
+    runs = []
+    for fused in (True, False):
+        y = layer(x) if fused else torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
+        assert (y.grad_fn.name() == "BoxGBLRLinearBackward") == fused
+        layer.zero_grad()
+        x.grad = None
+        y.backward(grad_y)
+        runs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    return dict(zip(["y", "x", *dict(layer.named_parameters())], zip(*runs, strict=True), strict=True))

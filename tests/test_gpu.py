@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import run_cli
+from support import fused_vs_composed_gblr, run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -53,16 +53,8 @@ def test_gpu_gblr_fused_path_matches_composed_and_graphs():
         layer.locations.add_(torch.rand_like(layer.locations) * 0.3)
     x = torch.randn(4000, 96, device="cuda", requires_grad=True)
     g = torch.randn(4000, 160, device="cuda")
-    grads = []
-    for fused in (True, False):
-        y = layer(x) if fused else torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
-        assert (y.grad_fn.name() == "BoxGBLRLinearBackward") == fused
-        layer.zero_grad()
-        x.grad = None
-        y.backward(g)
-        grads.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
-    for a, b in zip(*grads, strict=True):
-        assert float((a - b).norm() / b.norm()) < 1e-4
+    for name, (a, b) in fused_vs_composed_gblr(layer, x, g).items():
+        assert float((a - b).norm() / b.norm()) < 1e-4, name
 
     fresh = make_layer("gblr", 96, 160, budget=0.5).cuda()  # the capture recipe of bench_layers.py --graphs
     xg = torch.randn(4000, 96, device="cuda", requires_grad=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import fused_vs_composed_gblr
 
 from structlab.layers import make_layer
 from structlab.layers.gblr import (
@@ -114,15 +115,7 @@ def test_fused_box_path_equals_the_composed_one(rank: int, bias: bool) -> None:
         layer.widths[:, 3] = 0.3
     x = torch.randn(500, 24, dtype=torch.float64, requires_grad=True)
     g = torch.randn(500, 40, dtype=torch.float64)
-    grads = []
-    for fused in (True, False):
-        y = layer(x) if fused else torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
-        assert (y.grad_fn.name() == "BoxGBLRLinearBackward") == fused
-        layer.zero_grad()
-        x.grad = None
-        y.backward(g)
-        grads.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
-    for name, a, b in zip(["y", "x", *dict(layer.named_parameters())], *grads, strict=True):
+    for name, (a, b) in fused_vs_composed_gblr(layer, x, g).items():
         assert rel(a, b) < 1e-12, name
     assert layer.widths.grad[0, :2].abs().max() == 0  # widths 1.2 and -0.1 are clamped
     assert layer.widths.grad.abs().sum() > 0 and layer.locations.grad.abs().sum() > 0
