@@ -16,14 +16,6 @@ import torch.nn.functional as F
 from structlab.layers.gaudi import _grid, mask_grads
 
 
-def box_rows(w: torch.Tensor, loc: torch.Tensor, size: int) -> torch.Tensor:
-    """K×size booleans: position t lies in component k's cyclic interval [round(ℓn), +round(wn))."""
-    length = torch.round(w * size).clamp(0, size)
-    start = torch.round(loc * size)
-    t = torch.arange(size, device=w.device, dtype=w.dtype)
-    return torch.remainder(t - start[:, None], size) < length[:, None]
-
-
 class BoxGBLRLinear(torch.autograd.Function):
     """y = x (Ũ Ṽᵀ)ᵀ + b, Ũ = U ⊙ M_outᵀ, Ṽ = V ⊙ M_inᵀ with 0/1 box masks from the rounded
     widths/locations (2×K, [out, in]); the rounding is a straight-through estimator and the widths are
@@ -35,22 +27,27 @@ class BoxGBLRLinear(torch.autograd.Function):
         sizes = (m, n)
         with torch.autocast(x.device.type, enabled=False):
             w = widths.clamp(0.0, 1.0)
-            n_grid = _grid(sizes, None, w.device, w.dtype)[2][:, 0]  # cached: no host-to-device copy
-            w_r, loc_r = torch.round(w * n_grid) / n_grid, torch.round(locations * n_grid) / n_grid
-            rows, cols = (box_rows(w_r[a], loc_r[a], sizes[a]) for a in range(2))
+            t, _, n_grid, _, _ = _grid(sizes, None, w.device, w.dtype)  # cached: no host-to-device copy
+            n_grid = n_grid[:, 0]
+            length, start = torch.round(w * n_grid), torch.round(locations * n_grid)  # whole rows/columns
+            # position t is in component k's cyclic interval [start, start + length)
+            rows, cols = (
+                torch.remainder(t[:size] - start[a, :, None], size) < length[a, :, None]
+                for a, size in enumerate(sizes)
+            )
             if rank > 1:
                 rows, cols = rows.repeat_interleave(rank, 0), cols.repeat_interleave(rank, 0)
             u = torch.mul(U, rows.T, out=U.new_empty(U.shape, dtype=x.dtype))  # mask and cast: one pass
             v = torch.mul(V, cols.T, out=V.new_empty(V.shape, dtype=x.dtype))
             weight = u @ v.T
             y = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, U, V, u, v, weight, rows, cols, widths, w_r, loc_r)
+        ctx.save_for_backward(x, U, V, u, v, weight, rows, cols, widths, w, length / n_grid, start / n_grid)
         ctx.rank, ctx.has_bias = rank, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
-        x, U, V, u, v, weight, rows, cols, widths, w_r, loc_r = ctx.saved_tensors
+        x, U, V, u, v, weight, rows, cols, widths, w, w_r, loc_r = ctx.saved_tensors
         m, n, r = U.shape[0], V.shape[0], ctx.rank
         with torch.autocast(x.device.type, enabled=False):
             g = grad_y.reshape(-1, m).to(x.dtype)
@@ -65,5 +62,5 @@ class BoxGBLRLinear(torch.autograd.Function):
             if r > 1:
                 gm_out, gm_in = gm_out.view(-1, r, m).sum(1), gm_in.view(-1, r, n).sum(1)
             gw, gl = mask_grads(w_r, loc_r, (m, n), None, (gm_out, gm_in))
-            gw = gw * ((widths >= 0) & (widths <= 1))  # clamp's gradient; rounding passes it through
+            gw = gw * (w == widths)  # clamp's gradient (1 inside [0, 1]); the rounding passes it through
         return grad_x, grad_U, grad_V, gw, gl, grad_b, None
