@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,20 @@ def test_imagenet_folders(imagefolder_dir):
     dm.setup()
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32 and len(dm.val_set) == 9
+
+
+def test_imagenet_randaugment_survives_a_full_magnitude_posterize(imagefolder_dir):
+    """m9 with magnitude noise reaches 10 for a few images in a thousand: 0 bits, which Pillow ≥ 13
+    rejects mid-epoch. The op keeps one bit instead."""
+    from PIL import Image
+
+    dm = ImageNetDataModule(data_dir=str(imagefolder_dir), num_classes=3, batch_size=2, img_size=64)
+    dm.setup()
+    rand_augment = next(t for t in dm.train_set.transform.transforms if type(t).__name__ == "RandAugment")
+    op = next(o for o in rand_augment.ops if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    out = np.asarray(op(Image.new("RGB", (8, 8), (200, 100, 50))))
+    assert sorted(np.unique(out).tolist()) == [0, 128]  # the top bit of 200, 100, 50
 
 
 def test_imagenet_wrong_class_count_and_missing(imagefolder_dir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.auto_augment import posterize
 from torchvision.datasets import ImageFolder
 
 from structlab.data.base import ImageDataModule, missing
@@ -56,6 +57,7 @@ class ImageNetDataModule(ImageDataModule):
             return
         common = dict(input_size=self.img_size, mean=self.mean, std=self.std)
         train_tf = create_transform(is_training=True, **common, **self.aug)
+        keep_a_posterize_bit(train_tf)
         eval_tf = create_transform(
             is_training=False, crop_pct=self.crop_pct, interpolation="bicubic", **common
         )
@@ -69,3 +71,17 @@ class ImageNetDataModule(ImageDataModule):
                 f"{self.data_dir}/train has {len(self.train_set.classes)} class folders but the task expects "
                 f"{self.num_classes}: set task.num_classes={len(self.train_set.classes)}"
             )
+
+
+def keep_a_posterize_bit(transform) -> None:  # noqa: ANN001
+    """timm's RandAugment with magnitude noise (`mstd`) asks PosterizeIncreasing for 0 bits whenever the
+    sampled magnitude reaches 10 (a few images in a thousand at m9), and Pillow ≥ 13 raises on 0 bits,
+    which would stop an ImageNet epoch. Those ops keep 1 bit instead (before Pillow 13: a black image)."""
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize_at_least_one_bit
+
+
+def _posterize_at_least_one_bit(img, bits_to_keep, **kw):  # noqa: ANN001, ANN202
+    return posterize(img, max(1, bits_to_keep), **kw)
