@@ -51,12 +51,15 @@ def _spectrum(w: torch.Tensor, loc: torch.Tensor, sizes: tuple[int, ...], sigma:
     return w * torch.sinc(fw) * base, math.pi * (f / n - fw - 2.0 * f * loc)
 
 
-def _box(w: torch.Tensor, loc: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-    """The exact 0/1 cyclic interval masks the Gaudi formula gives at σ = ∞ on the 1/n grid (A×K×max n)."""
+def box_masks(w: torch.Tensor, loc: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The exact cyclic interval masks the Gaudi formula gives at σ = ∞ on the 1/n grid, as booleans:
+    per axis a K×sizes[a] mask, true on [round(ℓn), round(ℓn) + round(wn)) (w clamped to [0, 1])."""
     t, _, n, _, _ = _grid(sizes, None, w.device, w.dtype)
-    length = torch.minimum(torch.round(w * n[:, 0]).clamp_min(0), n[:, 0]).unsqueeze(-1)
-    start = torch.round(loc * n[:, 0]).unsqueeze(-1)
-    return (torch.remainder(t - start, n) < length).to(w.dtype)
+    length, start = torch.round(w.clamp(0.0, 1.0) * n[:, 0]), torch.round(loc * n[:, 0])
+    return tuple(
+        torch.remainder(t[:size] - start[a, :, None], size) < length[a, :, None]
+        for a, size in enumerate(sizes)
+    )
 
 
 class _GaudiMasks(torch.autograd.Function):
@@ -74,8 +77,7 @@ class _GaudiMasks(torch.autograd.Function):
         ctx.save_for_backward(w, loc)
         ctx.sizes, ctx.sigma = sizes, sigma
         if box:
-            masks = _box(w, loc, sizes)
-            return tuple(masks[a, :, :n] for a, n in enumerate(sizes))
+            return tuple(mask.to(w.dtype) for mask in box_masks(w, loc, sizes))
         amp, phase = _spectrum(w, loc, sizes, sigma)
         spec = torch.polar(torch.ones_like(phase), phase) * amp
         return tuple(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from structlab.layers.gaudi import _grid, mask_grads
+from structlab.layers.gaudi import _grid, box_masks, mask_grads
 
 
 class BoxGBLRLinear(torch.autograd.Function):
@@ -27,21 +27,16 @@ class BoxGBLRLinear(torch.autograd.Function):
         sizes = (m, n)
         with torch.autocast(x.device.type, enabled=False):
             w = widths.clamp(0.0, 1.0)
-            t, _, n_grid, _, _ = _grid(sizes, None, w.device, w.dtype)  # cached: no host-to-device copy
-            n_grid = n_grid[:, 0]
-            length, start = torch.round(w * n_grid), torch.round(locations * n_grid)  # whole rows/columns
-            # position t is in component k's cyclic interval [start, start + length)
-            rows, cols = (
-                torch.remainder(t[:size] - start[a, :, None], size) < length[a, :, None]
-                for a, size in enumerate(sizes)
-            )
+            n_grid = _grid(sizes, None, w.device, w.dtype)[2][:, 0]  # cached: no host-to-device copy
+            w_r, loc_r = torch.round(w * n_grid) / n_grid, torch.round(locations * n_grid) / n_grid
+            rows, cols = box_masks(w_r, loc_r, sizes)
             if rank > 1:
                 rows, cols = rows.repeat_interleave(rank, 0), cols.repeat_interleave(rank, 0)
             u = torch.mul(U, rows.T, out=U.new_empty(U.shape, dtype=x.dtype))  # mask and cast: one pass
             v = torch.mul(V, cols.T, out=V.new_empty(V.shape, dtype=x.dtype))
             weight = u @ v.T
             y = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, U, V, u, v, weight, rows, cols, widths, w, length / n_grid, start / n_grid)
+        ctx.save_for_backward(x, U, V, u, v, weight, rows, cols, widths, w, w_r, loc_r)
         ctx.rank, ctx.has_bias = rank, bias is not None
         return y
 
