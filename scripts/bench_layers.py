@@ -151,7 +151,7 @@ def bench_shapes(args: argparse.Namespace, device: torch.device, amp: torch.dtyp
             )
             label = f"{name} β=0.25 export fwd"
             if name == "gblr":
-                label += f" ({'dense fallback' if exported.dense else f'{len(exported._stage1) + len(exported._stage2)} GEMMs'})"
+                label += f" ({'dense fallback' if exported.dense else f'block-sparse, plan {exported.plan_macs / dm:.3f}'})"
             infer_rows.append(row(shape, label, t, base_f["median"], layer.macs_per_token(), dm, params))
     mode = "CUDA graphs" if args.graphs else "eager"
     print(

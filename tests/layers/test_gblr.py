@@ -4,6 +4,9 @@ init and projection, fitting to a dense weight, and the compact export."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,14 +221,12 @@ def test_export_equals_dense_weight(kw: dict) -> None:
     x = torch.randn(2, 9, 80)
     with torch.no_grad():
         ref = x @ layer.dense_weight().T + layer.bias
-        for overhead in (0, 16384):  # fine-grained block plan, and the default (may fall back to dense)
-            exported = layer.export(group_overhead=overhead, gather_cost=0)
-            assert isinstance(exported, GBLRInference)
+        for block, tile in ((16, 16), (8, 32), (64, 128)):
+            exported = layer.export(block=block, tile=tile, max_cost=float("inf"))  # never dense
+            assert isinstance(exported, GBLRInference) and not exported.dense
             assert rel(exported(x), ref) < 1e-4
-    with torch.no_grad():
-        sharp = layer.export(group_overhead=0, gather_cost=0)
-        if layer.rounding and layer.sigma is None:
-            assert not sharp.dense and sharp.plan_macs < 80 * 48  # zero blocks are skipped
+        assert rel(layer.export()(x), ref) < 1e-4  # the defaults (may fall back to dense)
+        sharp = layer.export(block=8, tile=8, max_cost=float("inf"))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert rel(sharp(x).float(), ref) < 2e-2
 
@@ -240,13 +241,46 @@ def test_export_wraps_around_and_drops_dead_components() -> None:
         )
     x = torch.randn(4, 32)
     with torch.no_grad():
-        exported = layer.export(group_overhead=0, gather_cost=0)
+        exported = layer.export(block=8, tile=8, max_cost=1.0)
+        assert not exported.dense
         assert rel(exported(x), x @ layer.dense_weight().T + layer.bias) < 1e-5
-    assert exported.extra_dst.numel() > 0  # an input interval wrapped past the end
+    # 4 live components → one z tile of 8 columns. Stage in: input blocks of component 0 ([28, 32) ∪
+    # [0, 12), wrapped), 1 ([19, 32)), 3 ([29, 32) ∪ [0, 5)) and 5 (all) → all 4 blocks. Stage out: z
+    # columns reaching output blocks 0/1/2 → 4/3/4 components → one 8-row chunk each.
+    assert exported.plan_macs == (4 + 3) * 8 * 8
+    assert exported.ptr_in.tolist() == [0, 4] and exported.ptr_out.tolist() == [0, 1, 2, 3]
     assert layer.macs_per_token() == (12 + 16) + (6 + 16) + (24 + 8) + (3 + 32)  # 2 and 4 are inactive
     no_bias = make_layer("gblr", 16, 8, bias=False)
     with torch.no_grad():
-        assert rel(no_bias.export(group_overhead=0)(x[:, :16]), x[:, :16] @ no_bias.dense_weight().T) < 1e-5
+        assert rel(no_bias.export(block=8, tile=8)(x[:, :16]), x[:, :16] @ no_bias.dense_weight().T) < 1e-5
+
+
+def test_export_triton_kernels_match_torch_path() -> None:
+    """Both Triton kernels, run by Triton's interpreter on the CPU, equal the torch path on a plan
+    with wrapped intervals, rank 2, padded tiles and token counts that are not tile multiples."""
+    pytest.importorskip("triton")
+    script = """
+import torch
+from structlab.layers import block_gemm as bg, make_layer
+torch.manual_seed(0)
+layer = make_layer("gblr", 80, 48, budget=0.25, rank=2, components=20).eval()
+with torch.no_grad():
+    layer.locations.add_(0.3)
+    for block, tile, tokens in ((16, 16, 150), (16, 32, 37), (32, 16, 64)):
+        e = layer.export(block=block, tile=tile, max_cost=2.0)
+        x = torch.randn(tokens, 80)
+        zt = bg.blocks_in(x, e.blocks_in, e.ptr_in, e.idx_in)
+        zr = bg.blocks_in_torch(x, e.blocks_in, e.ptr_in, e.idx_in)
+        y = bg.blocks_out(zt, e.blocks_out, e.ptr_out, e.idx_out, e.bias)
+        yr = bg.blocks_out_torch(zr, e.blocks_out, e.ptr_out, e.idx_out, e.bias)
+        ref = x @ layer.dense_weight().T + layer.bias
+        assert (zt - zr).abs().max() < 1e-5 and (y - yr).abs().max() < 1e-5, (block, tile)
+        assert (y - ref).norm() / ref.norm() < 1e-5
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_dead_components_are_skipped_after_projection() -> None:

@@ -250,20 +250,12 @@ class GaudiGBLRLinear(StructuredLinear):
         }
 
     @torch.no_grad()
-    def export(self, group_overhead: int = 16384, gather_cost: int = 256) -> nn.Module:
-        """Compact inference form: zero blocks skipped, components grouped into few GEMMs."""
+    def export(self, block: int = 64, tile: int = 128, max_cost: float = 0.4) -> nn.Module:
+        """Compact inference form: only the weight blocks holding non-zeros are stored and multiplied
+        (dense W when they cost ≥ `max_cost` of it); see gblr_export.py."""
         u, v = self.masked_factors()
         m_out, m_in = self.masks()
-        return GBLRInference(
-            u.float(),
-            v.float(),
-            m_out,
-            m_in,
-            self.rank_per_component,
-            self.bias,
-            group_overhead=group_overhead,
-            gather_cost=gather_cost,
-        )
+        return GBLRInference(u, v, m_out, m_in, self.rank_per_component, self.bias, block, tile, max_cost)
 
     def extra_repr(self) -> str:
         return (

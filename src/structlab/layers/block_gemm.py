@@ -1,0 +1,126 @@
+"""Block-sparse GEMMs of the exported Gaudi-GBLR layer: one Triton kernel per stage, and the same
+computation in plain torch (CPU, and the reference the kernels are tested against).
+
+Both stages multiply BK×BN weight blocks packed in CSR order: output tile i (BN wide) owns blocks
+`ptr[i]:ptr[i+1]`. Stage in: zᵀ[tile i] = Σ_q (x[:, idx[q]·BK : idx[q]·BK + BK] @ blocks[q])ᵀ, i.e.
+each tile of BN z-columns reads only the input blocks some of its components touch. Stage out:
+y[:, tile j] = Σ_q zᵀ[idx[q]]ᵀ @ blocks[q] + bias, idx[q] naming the BK z-rows that reach tile j.
+z is kept transposed (rows contiguous in tokens) so that stage out gathers whole rows, which stays
+coalesced; both stages accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. macOS): the torch path serves every device
+    triton = None
+
+
+def _owners(ptr: torch.Tensor) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
+
+
+def blocks_in_torch(
+    x: torch.Tensor, blocks: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
+    """zᵀ (tiles·B × T) from x (T × n): the stage-in computation in torch."""
+    tokens, n = x.shape
+    _, bk, bn = blocks.shape
+    nb = -(-n // bk)
+    xb = F.pad(x, (0, nb * bk - n)).view(tokens, nb, bk)
+    parts = torch.einsum("tqk,qkc->qct", xb[:, idx], blocks)
+    zt = x.new_zeros(ptr.numel() - 1, bn, tokens).index_add_(0, _owners(ptr), parts)
+    return zt.view(-1, tokens)
+
+
+def blocks_out_torch(
+    zt: torch.Tensor, blocks: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """y (T × m) from zᵀ: the stage-out computation in torch."""
+    tokens, m = zt.shape[1], bias.numel()
+    _, bk, bn = blocks.shape
+    parts = torch.einsum("qkt,qkj->qtj", zt[idx].view(-1, bk, tokens), blocks)
+    y = zt.new_zeros(ptr.numel() - 1, tokens, bn).index_add_(0, _owners(ptr), parts)
+    return y.permute(1, 0, 2).reshape(tokens, -1)[:, :m] + bias
+
+
+if triton is not None:
+
+    @triton.jit
+    def _blocks_in_kernel(x_ptr, w_ptr, ptr_ptr, idx_ptr, zt_ptr, T, n, stride_x, stride_z,
+                          BK: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        tile, pid_t = tl.program_id(0), tl.program_id(1)  # tiles vary fastest: neighbours share x rows
+        rows = pid_t * BT + tl.arange(0, BT)
+        k, c = tl.arange(0, BK), tl.arange(0, BN)
+        row_ok = rows[:, None] < T
+        acc = tl.zeros((BT, BN), dtype=tl.float32)
+        for q in range(tl.load(ptr_ptr + tile), tl.load(ptr_ptr + tile + 1)):
+            cols = tl.multiple_of(tl.load(idx_ptr + q) * BK, BK) + k  # aligned: vector loads
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
+                        mask=row_ok & (cols[None, :] < n), other=0.0)  # fmt: skip
+            w = tl.load(w_ptr + q * BK * BN + k[:, None] * BN + c[None, :])
+            if IEEE:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        out = (tile * BN + c).to(tl.int64)
+        tl.store(
+            zt_ptr + out[None, :] * stride_z + rows[:, None], acc.to(zt_ptr.dtype.element_ty), mask=row_ok
+        )
+
+    @triton.jit
+    def _blocks_out_kernel(zt_ptr, w_ptr, ptr_ptr, idx_ptr, bias_ptr, y_ptr, T, m, stride_z, stride_y,
+                           BK: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        tile, pid_t = tl.program_id(0), tl.program_id(1)  # tiles vary fastest: neighbours share z
+        rows = pid_t * BT + tl.arange(0, BT)
+        k, c = tl.arange(0, BK), tl.arange(0, BN)
+        acc = tl.zeros((BT, BN), dtype=tl.float32)
+        for q in range(tl.load(ptr_ptr + tile), tl.load(ptr_ptr + tile + 1)):
+            src = tl.load(idx_ptr + q * BK + k).to(tl.int64) * stride_z
+            a = tl.load(zt_ptr + src[:, None] + rows[None, :], mask=rows[None, :] < T, other=0.0)
+            w = tl.load(w_ptr + q * BK * BN + k[:, None] * BN + c[None, :])
+            if IEEE:
+                acc += tl.dot(tl.trans(a), w, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(a), w)
+        cols = tile * BN + c
+        acc += tl.load(bias_ptr + cols, mask=cols < m, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < T) & (cols[None, :] < m))  # fmt: skip
+
+
+# launch shape: the best of 24 tried on an H100 (docs/benchmarks.md)
+TOKEN_TILE, NUM_WARPS, NUM_STAGES = 64, 4, 4
+
+
+def _launch(kernel, tiles: int, tokens: int, blocks: torch.Tensor, *args) -> None:  # noqa: ANN001
+    _, bk, bn = blocks.shape
+    grid = (tiles, triton.cdiv(tokens, TOKEN_TILE))
+    ieee = blocks.dtype == torch.float32
+    kernel[grid](*args, BK=bk, BN=bn, BT=TOKEN_TILE, IEEE=ieee, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def blocks_in(x: torch.Tensor, blocks: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Stage in with the Triton kernel (x contiguous, T × n)."""
+    (tokens, n), tiles = x.shape, ptr.numel() - 1
+    # rows of zᵀ start on 32-byte boundaries (stride a multiple of 16): stage out's loads vectorise
+    zt = x.new_empty(tiles * blocks.shape[2], -(-tokens // 16) * 16)[:, :tokens]
+    args = (x, blocks, ptr, idx, zt, tokens, n, x.stride(0), zt.stride(0))
+    _launch(_blocks_in_kernel, tiles, tokens, blocks, *args)
+    return zt
+
+
+def blocks_out(
+    zt: torch.Tensor, blocks: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Stage out with the Triton kernel."""
+    tokens, m, tiles = zt.shape[1], bias.numel(), ptr.numel() - 1
+    y = zt.new_empty(tokens, m)
+    args = (zt, blocks, ptr, idx, bias, y, tokens, m, zt.stride(0), y.stride(0))
+    _launch(_blocks_out_kernel, tiles, tokens, blocks, *args)
+    return y
