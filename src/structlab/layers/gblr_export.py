@@ -146,18 +146,17 @@ class GBLRInference(nn.Module):
                 self.register_buffer(name, tensor.to(u.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
         dtype = compute_dtype(x)
+        if self.dense:  # as nn.Linear runs (few host calls: eager inference is launch-bound)
+            return F.linear(x, self.weight.to(dtype), self.bias.to(dtype))
+        lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, self.in_features).to(dtype).contiguous()
-            if self.dense:
-                y = F.linear(x2, self.weight.to(dtype), self.bias.to(dtype))
-            else:
-                fast = x2.is_cuda and block_gemm.triton is not None
-                stage_in = block_gemm.blocks_in if fast else block_gemm.blocks_in_torch
-                stage_out = block_gemm.blocks_out if fast else block_gemm.blocks_out_torch
-                zt = stage_in(x2, self.blocks_in.to(dtype), self.ptr_in, self.idx_in)
-                y = stage_out(zt, self.blocks_out.to(dtype), self.ptr_out, self.idx_out, self.bias.to(dtype))
+            fast = x2.is_cuda and block_gemm.triton is not None
+            stage_in = block_gemm.blocks_in if fast else block_gemm.blocks_in_torch
+            stage_out = block_gemm.blocks_out if fast else block_gemm.blocks_out_torch
+            zt = stage_in(x2, self.blocks_in.to(dtype), self.ptr_in, self.idx_in)
+            y = stage_out(zt, self.blocks_out.to(dtype), self.ptr_out, self.idx_out, self.bias.to(dtype))
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
