@@ -255,6 +255,20 @@ def test_export_wraps_around_and_drops_dead_components() -> None:
         assert rel(no_bias.export(block=8, tile=8)(x[:, :16]), x[:, :16] @ no_bias.dense_weight().T) < 1e-5
 
 
+def test_export_tiles_follow_the_intervals() -> None:
+    """z tiles are cut where the input intervals change, not every `tile` components: 5 components
+    reading input block 0 and 5 reading block 4 make two tiles of one block each (cutting after 8
+    components would cost three blocks)."""
+    layer = make_layer("gblr", 64, 16, components=10)
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor([[1.0] * 10, [0.125] * 10]))
+        layer.locations.copy_(torch.tensor([[0.0] * 10, [0.0] * 5 + [0.5] * 5]))
+        exported = layer.export(block=8, tile=8, max_cost=1.0)
+        x = torch.randn(3, 64)
+        assert rel(exported(x), x @ layer.dense_weight().T + layer.bias) < 1e-5
+    assert exported.ptr_in.tolist() == [0, 1, 2] and exported.idx_in.tolist() == [0, 4]
+
+
 def test_export_triton_kernels_match_torch_path() -> None:
     """Both Triton kernels, run by Triton's interpreter on the CPU, equal the torch path on a plan
     with wrapped intervals, rank 2, padded tiles and token counts that are not tile multiples."""
