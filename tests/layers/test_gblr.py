@@ -270,18 +270,22 @@ def test_export_tiles_follow_the_intervals() -> None:
 
 
 def test_export_triton_kernels_match_torch_path() -> None:
-    """Both Triton kernels, run by Triton's interpreter on the CPU, equal the torch path on a plan
-    with wrapped intervals, rank 2, padded tiles and token counts that are not tile multiples."""
+    """Both Triton kernels, run by Triton's interpreter on the CPU, equal the torch path on plans with
+    wrapped intervals, rank 2, padded tiles, output tiles no component reaches, and token counts that
+    are not tile multiples."""
     pytest.importorskip("triton")
     script = """
 import torch
 from structlab.layers import block_gemm as bg, make_layer
 torch.manual_seed(0)
 layer = make_layer("gblr", 80, 48, budget=0.25, rank=2, components=20).eval()
+narrow = make_layer("gblr", 80, 48, components=4).eval()  # output rows 32…47: the bias alone
 with torch.no_grad():
     layer.locations.add_(0.3)
-    for block, tile, tokens in ((16, 16, 150), (16, 32, 37), (32, 16, 64)):
-        e = layer.export(block=block, tile=tile, max_cost=2.0)
+    narrow.widths.fill_(0.25)
+    narrow.locations.zero_()
+    for layer, block, tile, tokens in ((layer, 16, 16, 150), (layer, 16, 32, 37), (layer, 32, 16, 64), (narrow, 16, 16, 70)):
+        e = layer.export(block=block, tile=tile, max_cost=float("inf"))
         x = torch.randn(tokens, 80)
         zt = bg.blocks_in(x, e.blocks_in, e.ptr_in, e.idx_in)
         zr = bg.blocks_in_torch(x, e.blocks_in, e.ptr_in, e.idx_in)
