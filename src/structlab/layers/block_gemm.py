@@ -11,6 +11,9 @@ coalesced; both stages accumulate in float32.
 
 from __future__ import annotations
 
+import warnings
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 
@@ -21,32 +24,35 @@ except ImportError:  # no Triton (e.g. macOS): the torch path serves every devic
     triton = None
 
 
-def _owners(ptr: torch.Tensor) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
-
-
 def blocks_in_torch(
     x: torch.Tensor, blocks: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor
 ) -> torch.Tensor:
-    """zᵀ (tiles·B × T) from x (T × n): the stage-in computation in torch."""
+    """zᵀ (tiles·BN × T) from x (T × n): the stage-in computation in torch, one GEMM per z tile."""
     tokens, n = x.shape
     _, bk, bn = blocks.shape
-    nb = -(-n // bk)
-    xb = F.pad(x, (0, nb * bk - n)).view(tokens, nb, bk)
-    parts = torch.einsum("tqk,qkc->qct", xb[:, idx], blocks)
-    zt = x.new_zeros(ptr.numel() - 1, bn, tokens).index_add_(0, _owners(ptr), parts)
+    xp = F.pad(x, (0, -n % bk))
+    zt = x.new_zeros(ptr.numel() - 1, bn, tokens)
+    offsets = torch.arange(bk, device=x.device)
+    bounds = ptr.tolist()
+    for i, (a, b) in enumerate(pairwise(bounds)):
+        if b > a:
+            cols = (idx[a:b, None].long() * bk + offsets).flatten()
+            zt[i] = (xp[:, cols] @ blocks[a:b].reshape(-1, bn)).T
     return zt.view(-1, tokens)
 
 
 def blocks_out_torch(
     zt: torch.Tensor, blocks: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """y (T × m) from zᵀ: the stage-out computation in torch."""
+    """y (T × m) from zᵀ: the stage-out computation in torch, one GEMM per output tile."""
     tokens, m = zt.shape[1], bias.numel()
     _, bk, bn = blocks.shape
-    parts = torch.einsum("qkt,qkj->qtj", zt[idx].view(-1, bk, tokens), blocks)
-    y = zt.new_zeros(ptr.numel() - 1, tokens, bn).index_add_(0, _owners(ptr), parts)
-    return y.permute(1, 0, 2).reshape(tokens, -1)[:, :m] + bias
+    bounds = ptr.tolist()
+    y = zt.new_zeros(tokens, (len(bounds) - 1) * bn)
+    for j, (a, b) in enumerate(pairwise(bounds)):
+        if b > a:
+            y[:, j * bn : (j + 1) * bn] = zt[idx[a * bk : b * bk].long()].T @ blocks[a:b].reshape(-1, bn)
+    return y[:, :m] + bias
 
 
 if triton is not None:
@@ -124,3 +130,28 @@ def blocks_out(
     args = (zt, blocks, ptr, idx, bias, y, tokens, m, zt.stride(0), y.stride(0))
     _launch(_blocks_out_kernel, tiles, tokens, blocks, *args)
     return y
+
+
+_KERNELS_FAILED: list[Exception] = []
+
+
+def block_sparse_linear(
+    x: torch.Tensor,
+    blocks_in: torch.Tensor,
+    ptr_in: torch.Tensor,
+    idx_in: torch.Tensor,
+    blocks_out: torch.Tensor,
+    ptr_out: torch.Tensor,
+    idx_out: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """y = stage out(stage in(x)) for x (T × n) contiguous: the Triton kernels on a CUDA device, the
+    torch path elsewhere or when the kernels cannot be built (warned once)."""
+    if x.is_cuda and triton is not None and not _KERNELS_FAILED:
+        try:
+            return blocks_out(blocks_in(x, blocks_in, ptr_in, idx_in), blocks_out, ptr_out, idx_out, bias)
+        except Exception as err:  # an unsupported GPU, no C compiler for Triton's launcher, …
+            _KERNELS_FAILED.append(err)
+            warnings.warn(f"gblr export runs without its Triton kernels: {err!r:.200}", stacklevel=2)
+    zt = blocks_in_torch(x, blocks_in, ptr_in, idx_in)
+    return blocks_out_torch(zt, blocks_out, ptr_out, idx_out, bias)

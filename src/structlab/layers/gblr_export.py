@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from structlab.layers import block_gemm
 from structlab.layers.base import compute_dtype
+from structlab.layers.block_gemm import block_sparse_linear
 
 
 def _cyclic_start(support: torch.Tensor) -> int:
@@ -152,11 +152,16 @@ class GBLRInference(nn.Module):
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, self.in_features).to(dtype).contiguous()
-            fast = x2.is_cuda and block_gemm.triton is not None
-            stage_in = block_gemm.blocks_in if fast else block_gemm.blocks_in_torch
-            stage_out = block_gemm.blocks_out if fast else block_gemm.blocks_out_torch
-            zt = stage_in(x2, self.blocks_in.to(dtype), self.ptr_in, self.idx_in)
-            y = stage_out(zt, self.blocks_out.to(dtype), self.ptr_out, self.idx_out, self.bias.to(dtype))
+            y = block_sparse_linear(
+                x2,
+                self.blocks_in.to(dtype),
+                self.ptr_in,
+                self.idx_in,
+                self.blocks_out.to(dtype),
+                self.ptr_out,
+                self.idx_out,
+                self.bias.to(dtype),
+            )
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
