@@ -85,7 +85,7 @@ def test_gpu_gblr_export_kernels():
     several block/tile shapes, a token count that is not a tile multiple, wrapped intervals."""
     import torch
 
-    from structlab.layers import make_layer
+    from structlab.layers import block_gemm, make_layer
 
     torch.manual_seed(0)
     layer = make_layer("gblr", 768, 3072, budget=0.25).cuda().eval()
@@ -99,6 +99,7 @@ def test_gpu_gblr_export_kernels():
             assert float((exported(x) - ref).norm() / ref.norm()) < 1e-5
             y16 = exported.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
             assert float((y16 - ref).norm() / ref.norm()) < 1e-2
+    assert not block_gemm._KERNELS_FAILED  # the Triton kernels ran, not the torch fallback
 
 
 def test_gpu_gblr_compiled_training(tmp_path):

@@ -294,6 +294,9 @@ with torch.no_grad():
         ref = x @ layer.dense_weight().T + layer.bias
         assert (zt - zr).abs().max() < 1e-5 and (y - yr).abs().max() < 1e-5, (block, tile)
         assert (y - ref).norm() / ref.norm() < 1e-5
+        plan = (e.blocks_in, e.ptr_in, e.idx_in, e.blocks_out, e.ptr_out, e.idx_out, e.bias)
+        assert torch.equal(bg.block_sparse_linear(x, *plan, kernels=True), y)
+assert not bg._KERNELS_FAILED  # the kernels ran, not the fallback
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}

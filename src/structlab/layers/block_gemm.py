@@ -137,21 +137,24 @@ _KERNELS_FAILED: list[Exception] = []
 
 def block_sparse_linear(
     x: torch.Tensor,
-    blocks_in: torch.Tensor,
+    w_in: torch.Tensor,
     ptr_in: torch.Tensor,
     idx_in: torch.Tensor,
-    blocks_out: torch.Tensor,
+    w_out: torch.Tensor,
     ptr_out: torch.Tensor,
     idx_out: torch.Tensor,
     bias: torch.Tensor,
+    kernels: bool | None = None,
 ) -> torch.Tensor:
-    """y = stage out(stage in(x)) for x (T × n) contiguous: the Triton kernels on a CUDA device, the
-    torch path elsewhere or when the kernels cannot be built (warned once)."""
-    if x.is_cuda and triton is not None and not _KERNELS_FAILED:
+    """y = stage out(stage in(x)) for x (T × n) contiguous. `kernels` (default: on a CUDA device)
+    runs the Triton kernels; when they cannot be built the torch path takes over (warned once)."""
+    if kernels is None:
+        kernels = x.is_cuda
+    if kernels and triton is not None and not _KERNELS_FAILED:
         try:
-            return blocks_out(blocks_in(x, blocks_in, ptr_in, idx_in), blocks_out, ptr_out, idx_out, bias)
+            return blocks_out(blocks_in(x, w_in, ptr_in, idx_in), w_out, ptr_out, idx_out, bias)
         except Exception as err:  # an unsupported GPU, no C compiler for Triton's launcher, …
             _KERNELS_FAILED.append(err)
             warnings.warn(f"gblr export runs without its Triton kernels: {err!r:.200}", stacklevel=2)
-    zt = blocks_in_torch(x, blocks_in, ptr_in, idx_in)
-    return blocks_out_torch(zt, blocks_out, ptr_out, idx_out, bias)
+    zt = blocks_in_torch(x, w_in, ptr_in, idx_in)
+    return blocks_out_torch(zt, w_out, ptr_out, idx_out, bias)
