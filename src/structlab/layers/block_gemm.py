@@ -100,7 +100,7 @@ if triton is not None:
                  mask=(rows[:, None] < T) & (cols[None, :] < m))  # fmt: skip
 
 
-# launch shape: the best of 24 tried on an H100 (docs/benchmarks.md)
+# launch shape: the fastest of scripts/bench_export_tiles.py's sweep on an H100 (docs/benchmarks.md)
 TOKEN_TILE, NUM_WARPS, NUM_STAGES = 64, 4, 4
 
 

@@ -1,12 +1,11 @@
-"""Inference form of a Gaudi-GBLR layer: only the B×B blocks that hold non-zeros are multiplied.
+"""Inference form of a Gaudi-GBLR layer: only the weight blocks that hold non-zeros are multiplied.
 
 `GaudiGBLRLinear.export()` builds a `GBLRInference`. The plan: the live component columns are sorted
 (long input intervals first, then by where they start) and cut into tiles of `tile` columns of
 z = x Ṽ; stage in multiplies, per tile, only the `block`-wide input blocks its intervals touch. Stage
 out computes y = z Ũᵀ + b per output tile of `tile` rows from the z columns whose output intervals
-reach it, `block` at a time.
-Intervals that wrap past the end need nothing special: a block set is a set. On a GPU each stage is
-one Triton kernel (block_gemm.py); elsewhere the same plan runs in torch.
+reach it, `block` at a time. Intervals that wrap past the end need nothing special: a block set is a
+set. On a GPU each stage is one Triton kernel (block_gemm.py); elsewhere the same plan runs in torch.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ def _cyclic_start(support: torch.Tensor) -> int:
 
 
 def _tile_any(support: torch.Tensor, block: int) -> torch.Tensor:
-    """(P × size) bool → (P × ⌈size/B⌉): which B-wide blocks hold a true entry."""
+    """(P × size) bool → (P × ⌈size/block⌉): which `block`-wide blocks hold a true entry."""
     size = support.shape[1]
     nb = -(-size // block)
     return F.pad(support, (0, nb * block - size)).view(support.shape[0], nb, block).any(-1)
