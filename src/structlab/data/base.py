@@ -8,7 +8,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+
+# `ImageDataModule.validation_split` when validation runs on the test split: a checkpoint chosen on
+# validation metrics is then chosen on test, so the training script tests the last one instead.
+TEST_SPLIT = "test split"
+# Seed of the hold-out permutation: fixed, so every rank, resume and run seed holds out the same images.
+HOLD_OUT_SEED = 0
 
 
 class MissingDatasetError(FileNotFoundError):
@@ -26,11 +32,19 @@ class ImageDataModule(L.LightningDataModule):
     `batch_size` is per device (the training script derives it from the global batch size).
     Normalisation (and cheap augmentation for in-memory data) runs after the batch reached the
     device, in `on_after_batch_transfer`, so it costs no CPU worker time.
+
+    Validation picks the best checkpoint, so it must not run on the test split. Subclasses with no
+    validation split of their own call `set_val_size` in `__init__` and `hold_out` in `setup`: `val_size`
+    training images become the validation split; `val_size=0` validates on the test split instead.
     """
 
     num_classes: int = 0
     in_chans: int = 3
     img_size: int = 224
+    # Where validation runs, for the run summary: "held out from train (N images)", TEST_SPLIT, or a
+    # subclass's own words for a dataset's own validation split. None: the subclass did not say.
+    validation_split: str | None = None
+    val_size: int = 0
 
     def __init__(
         self,
@@ -53,6 +67,44 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    @property
+    def validates_on_test(self) -> bool:
+        """Whether validation (so checkpoint selection) runs on the test split. A subclass that does not
+        set `validation_split` is judged by its datasets, which needs `setup` first."""
+        if self.validation_split is None:
+            return self.val_set is not None and self.val_set is self.test_set
+        return self.validation_split == TEST_SPLIT
+
+    def set_val_size(self, val_size: int) -> None:
+        """Hold out `val_size` training images for validation (0: validate on the test split)."""
+        if not isinstance(val_size, int) or val_size < 0:
+            raise ValueError(
+                f"task.data.val_size={val_size!r}: give a number of training images to hold out for "
+                "validation, e.g. task.data.val_size=5000, or task.data.val_size=0 to validate on the test split"
+            )
+        self.val_size = val_size
+        self.validation_split = f"held out from train ({val_size} images)" if val_size else TEST_SPLIT
+
+    def hold_out(self, full: Dataset, plain: Dataset | None = None, seed: int = HOLD_OUT_SEED) -> None:
+        """Set `train_set` and `val_set` from the full training set `full`: `val_size` items chosen by a
+        fixed-seed permutation validate, the rest train. `plain` holds the same items as `full` under the
+        evaluation transform (no augmentation) and serves the held-out ones; default `full`.
+        With `val_size=0`, `val_set` is `test_set` (set it first)."""
+        n, k = len(full), self.val_size
+        if k == 0:
+            self.train_set, self.val_set = full, self.test_set
+            return
+        if k > n - self.batch_size:
+            most = n - self.batch_size
+            fix = f"at most {most}" if most > 0 else "0 (validate on test) or lower task.data.batch_size"
+            raise ValueError(
+                f"task.data.val_size={k} must leave a batch ({self.batch_size}) of the {n} training images "
+                f"to train on: set task.data.val_size to {fix}"
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.train_set = Subset(full, perm[k:])
+        self.val_set = Subset(full if plain is None else plain, perm[:k])
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() did not create this split")
@@ -71,7 +123,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_batches_per_device(self, world: int) -> int | None:
         """Full training batches each of `world` processes gets per epoch (DistributedSampler pads the
-        dataset to a multiple of `world`; the loader drops the last partial batch)."""
+        dataset to a multiple of `world`; the loader drops the last partial batch). `train_set` no longer
+        holds the images held out for validation."""
         if self.train_set is None:
             return None
         return math.ceil(len(self.train_set) / world) // self.batch_size

@@ -47,14 +47,20 @@ class ArrayImages(Dataset):
 
 
 class CIFARDataModule(ImageDataModule):
+    """CIFAR has no validation split: `val_size` training images (a fixed draw, shown without
+    augmentation) validate, the rest train; `val_size=0` validates on the test split."""
+
     in_chans, img_size = 3, 32
 
-    def __init__(self, classes: int = 10, download: bool = True, auto_augment: bool = True, **kw) -> None:
+    def __init__(
+        self, classes: int = 10, val_size: int = 5000, download: bool = True, auto_augment: bool = True, **kw
+    ) -> None:
         if classes not in LAYOUT:
             raise ValueError(f"classes must be 10 or 100, got {classes}")
         kw.setdefault("mean", MEAN[classes])
         kw.setdefault("std", STD[classes])
         super().__init__(**kw)
+        self.set_val_size(val_size)
         self.classes, self.download, self.auto_augment = classes, download, auto_augment
         self.num_classes = classes
 
@@ -91,6 +97,8 @@ class CIFARDataModule(ImageDataModule):
         aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
         if self.auto_augment:
             aug.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
-        self.train_set = ArrayImages(*read_cifar(self.folder(), train, key), T.Compose([*aug, to_uint8]))
         self.test_set = ArrayImages(*read_cifar(self.folder(), test, key), to_uint8)
-        self.val_set = self.test_set  # CIFAR has no separate validation split; the recipes report test
+        images, labels = read_cifar(self.folder(), train, key)
+        # two views of the same arrays: augmented for training, plain for the held-out images
+        augmented = ArrayImages(images, labels, T.Compose([*aug, to_uint8]))
+        self.hold_out(augmented, ArrayImages(images, labels, to_uint8))

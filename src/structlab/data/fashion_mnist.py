@@ -52,7 +52,8 @@ class FashionMNISTDataModule(ImageDataModule):
         kw.setdefault("mean", (0.2860,))
         kw.setdefault("std", (0.3530,))
         super().__init__(**kw)
-        self.val_size, self.download, self.flip, self.seed = val_size, download, flip, seed
+        self.set_val_size(val_size)  # 0: validate on the test split
+        self.download, self.flip, self.seed = download, flip, seed  # seed: of the hold-out only
         self.system_dir = Path(system_dir) if system_dir else None
 
     def candidate_dirs(self) -> list[Path]:
@@ -92,16 +93,9 @@ class FashionMNISTDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        full = self.split("train")
-        if not 0 <= self.val_size < len(full):
-            raise ValueError(
-                f"task.data.val_size={self.val_size} must be in [0, {len(full)}) for a training set of {len(full)} images"
-            )
-        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
-        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
-        self.train_set = TensorImages(full.images[train_idx], full.labels[train_idx])
-        self.val_set = TensorImages(full.images[val_idx], full.labels[val_idx])
         self.test_set = self.split("test")
+        # augmentation runs on the device for training batches only, so one dataset serves both parts
+        self.hold_out(self.split("train"), seed=self.seed)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch

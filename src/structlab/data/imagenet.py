@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import posterize
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.vision import StandardTransform
 
 from structlab.data.base import ImageDataModule, missing
 
 
 class ImageNetDataModule(ImageDataModule):
-    """`data_dir/{train,val}/<class>/<image>`; val doubles as test (ImageNet's test labels are private).
+    """`data_dir/{train,val}/<class>/<image>`. ImageNet's test labels are private, so its val/ folder is the
+    test split; `val_size` training images (a fixed draw, under the evaluation transform) validate and the
+    rest train. `val_size=0` validates on val/ as well, the usual but optimistic practice.
 
     Augmentation (RandAugment, random erasing) runs in the workers on float tensors, so
     normalisation happens there too (timm's transforms) rather than on the device.
@@ -28,11 +32,13 @@ class ImageNetDataModule(ImageDataModule):
         interpolation: str = "bicubic",
         crop_pct: float = 0.875,
         num_classes: int = 1000,
+        val_size: int = 10000,
         **kw,
     ) -> None:
         kw.setdefault("mean", IMAGENET_DEFAULT_MEAN)
         kw.setdefault("std", IMAGENET_DEFAULT_STD)
         super().__init__(**kw)
+        self.set_val_size(val_size)
         self.img_size = img_size
         self.aug = dict(auto_augment=auto_augment, re_prob=re_prob, interpolation=interpolation)
         self.crop_pct = crop_pct
@@ -61,16 +67,24 @@ class ImageNetDataModule(ImageDataModule):
         eval_tf = create_transform(
             is_training=False, crop_pct=self.crop_pct, interpolation="bicubic", **common
         )
-        self.train_set = ImageFolder(str(self.split_dir("train")), transform=train_tf)
-        self.val_set = ImageFolder(str(self.split_dir("val")), transform=eval_tf)
-        if self.val_set.classes != self.train_set.classes:
+        train = ImageFolder(str(self.split_dir("train")), transform=train_tf)
+        self.test_set = ImageFolder(str(self.split_dir("val")), transform=eval_tf)
+        if self.test_set.classes != train.classes:
             raise ValueError("train/ and val/ hold different class folders")
-        self.test_set = self.val_set
-        if len(self.train_set.classes) != self.num_classes:
+        if len(train.classes) != self.num_classes:
             raise ValueError(
-                f"{self.data_dir}/train has {len(self.train_set.classes)} class folders but the task expects "
-                f"{self.num_classes}: set task.num_classes={len(self.train_set.classes)}"
+                f"{self.data_dir}/train has {len(train.classes)} class folders but the task expects "
+                f"{self.num_classes}: set task.num_classes={len(train.classes)}"
             )
+        self.hold_out(train, with_transform(train, eval_tf))
+
+
+def with_transform(folder: ImageFolder, transform) -> ImageFolder:  # noqa: ANN001
+    """The same ImageFolder under another transform, sharing its file list (scanning 1.28M files twice
+    takes minutes)."""
+    other = copy.copy(folder)
+    other.transform, other.transforms = transform, StandardTransform(transform, folder.target_transform)
+    return other
 
 
 def keep_a_posterize_bit(transform) -> None:  # noqa: ANN001
