@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from structlab.budget import layer_costs, macs_per_sample, model_cost, rank_from_budget, rank_from_ratio
+from structlab.budget import (
+    check_budget,
+    layer_costs,
+    macs_per_sample,
+    model_cost,
+    rank_from_budget,
+    rank_from_ratio,
+)
 from structlab.layers import make_layer
 from structlab.surgery import replace_layers
 
@@ -24,7 +33,8 @@ VIT_TARGETS = ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "b
         (80, 48, 0.5, 8, 8),  # ⌊15⌋ → 8
         (10, 10, 0.5, 8, 2),  # below the multiple: not rounded
         (4, 4, 0.01, 8, 1),  # at least 1
-        (64, 64, 4.0, 8, 64),  # at most min(m, n)
+        (64, 64, 1.0, 8, 32),  # β = 1: the dense cost, k = mn/(m+n)
+        (64, 48, 1.0, 1, 27),  # ⌊27.43⌋, below min(m, n) = 48
     ],
 )
 def test_rank_from_budget(m: int, n: int, budget: float, multiple: int, rank: int) -> None:
@@ -34,9 +44,12 @@ def test_rank_from_budget(m: int, n: int, budget: float, multiple: int, rank: in
 
 
 def test_rank_from_budget_rejects_nonsense() -> None:
-    for bad in (0.0, -0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="budget"):
+    for bad in (0.0, -0.1, 1.0001, 4.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=re.escape(f"layer.budget={bad} is outside (0, 1]")):
             rank_from_budget(8, 8, bad)
+    assert check_budget(1) == 1.0 and isinstance(check_budget(1), float)
+    with pytest.raises(ValueError, match=re.escape("callbacks.gblr_budget.budget=2 is outside (0, 1]")):
+        check_budget(2, key="callbacks.gblr_budget.budget")
     assert rank_from_ratio(768, 768, 0.2, multiple=1) == rank_from_budget(768, 768, 0.8, multiple=1) == 307
 
 

@@ -50,6 +50,14 @@ def test_config_builds_layers(name: str, init: str) -> None:
     model = nn.Sequential(nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 48))
     replaced = replace_layers(model, name, [r"\d"], **cfg)
     assert len(replaced) == 2 and all(v["layer"] == name for v in replaced.values())
-    budget = model_cost(model)["budget"]
-    assert 0.0 < budget <= (1.5 if name == "tsvd" else 0.5)  # tsvd's size follows its tolerance instead
+    budget, dense = model_cost(model)["budget"], 2 * 48 * 64
+    layers = [model[0], model[2]]
+    if name == "svd":  # default β = 0.5: rank ⌊0.5·48·64/112⌋ = 13 → 8 (a multiple of 8)
+        assert [m.rank for m in layers] == [8, 8] and budget == 2 * 8 * 112 / dense
+    elif name == "tsvd":  # sized by its tolerance: charged ⌈(nnz(U)+nnz(V))/2⌉ + rank MACs per layer
+        charged = sum((int((m.u != 0).sum()) + int((m.v != 0).sum()) + 1) // 2 + m.rank for m in layers)
+        assert budget == charged / dense
+        assert 0.78 < budget < 0.85  # tolerance 0.05 on a random 48×64 layer: 0.81 (dense), 0.82 (scratch)
+    else:  # gblr's init / fit spends at most layer.budget = 0.5: 0.499 (dense), 0.479 (scratch)
+        assert 0.45 < budget <= 0.5
     assert torch.isfinite(model(torch.randn(3, 48))).all()

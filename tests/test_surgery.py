@@ -159,3 +159,62 @@ def test_minilm_bert_surgery() -> None:
         out = model(input_ids=ids).last_hidden_state
     assert torch.isfinite(out).all() and 0 < rel(out, ref) < 1.0
     assert model.encoder.layer[0].intermediate.dense.rank == 152  # ⌊0.5·384·1536/1920⌋ = 153 → 152
+
+
+def tied_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_tied_weights_are_refused_unless_untied(caplog: pytest.LogCaptureFixture) -> None:
+    model = tied_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight  # HF ties them
+    with pytest.raises(ValueError, match=r"lm_head\.weight is tied to transformer\.wte\.weight") as err:
+        replace_layers(model, "svd", ["lm_head"], rank=8)
+    assert "exclude=['lm_head']" in str(err.value) and "untie=True" in str(err.value)
+    assert isinstance(model.lm_head, nn.Linear)  # nothing was replaced
+
+    wte = model.transformer.wte.weight.detach().clone()
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with caplog.at_level("WARNING", logger="structlab.surgery"):
+            replaced = replace_layers(model, "svd", ["lm_head"], untie=True, rank=32)
+        out = model(ids).logits
+    assert (
+        list(replaced) == ["lm_head"] and "untying lm_head.weight from transformer.wte.weight" in caplog.text
+    )
+    assert torch.equal(model.transformer.wte.weight, wte)  # the embedding keeps its weight
+    assert rel(out, ref) < 1e-5  # full rank (32 = n_embd): the structured copy is the old weight
+    assert not model.config.tie_word_embeddings
+    model.tie_weights()  # HF must not tie an lm_head that no longer has a weight
+    assert {n for n, _ in model.lm_head.named_parameters()} == {"A", "B"}
+
+
+def test_untied_modules_of_a_tied_model_still_convert() -> None:
+    model = tied_gpt2()
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        ref = model(ids).logits
+        replaced = replace_layers(model, "svd", ["transformer.h.*.mlp.c_fc"], rank=32)  # HF Conv1D
+        assert sorted(replaced) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+        assert rel(model(ids).logits, ref) < 1e-5
+    assert model.lm_head.weight is model.transformer.wte.weight  # the tie is untouched
+
+
+def test_shared_storage_counts_as_tied() -> None:
+    """Two Parameters viewing one storage are tied as well; disjoint views of one storage are not."""
+    flat = torch.randn(2 * 6 * 4)
+    a, b, c = nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False)
+    a.weight = nn.Parameter(flat[:24].view(6, 4))
+    b.weight = nn.Parameter(flat[:24].view(6, 4))
+    c.weight = nn.Parameter(flat[24:].view(6, 4))
+    model = nn.Sequential(a, b, c)
+    with pytest.raises(ValueError, match=r"0\.weight is tied to 1\.weight"):
+        replace_layers(model, "svd", ["0"], rank=2)
+    assert list(replace_layers(model, "svd", ["2"], rank=2)) == ["2"]

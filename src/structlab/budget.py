@@ -16,15 +16,28 @@ import torch
 from torch import nn
 
 
+def check_budget(budget: float, key: str = "layer.budget") -> float:
+    """`budget` as a float, if it lies in (0, 1]; else a ValueError naming the config `key` to change.
+
+    Above 1 a layer would cost more than the dense one it replaces (and a rank above mn/(m+n) adds
+    cost without expressiveness), so it is a mistake, not a request.
+    """
+    if not 0 < budget <= 1:  # NaN fails this too
+        raise ValueError(
+            f"{key}={budget} is outside (0, 1]: it is the fraction of the dense MACs a layer may spend "
+            f"(1 = the dense cost); set {key} to a value in (0, 1], e.g. {key}=0.5"
+        )
+    return float(budget)
+
+
 def rank_from_budget(m: int, n: int, budget: float, multiple: int = 8) -> int:
-    """Rank k of an m×n low-rank layer spending a fraction `budget` of the dense MACs: k(m+n) ≈ β·mn.
+    """Rank k of an m×n low-rank layer spending a fraction `budget` ∈ (0, 1] of the dense MACs:
+    k(m+n) ≈ β·mn.
 
     k = ⌊β·mn/(m+n)⌋, rounded down to a multiple of `multiple` when k ≥ multiple (odd inner GEMM
-    sizes ran at half speed on the H100), at least 1 and at most min(m, n) (a larger rank adds
-    cost without adding expressiveness).
+    sizes ran at half speed on the H100), at least 1 (β ≤ 1 keeps it below min(m, n)).
     """
-    if not budget > 0 or not math.isfinite(budget):
-        raise ValueError(f"budget must be a positive finite fraction of the dense MACs, got {budget}")
+    check_budget(budget)
     if multiple < 1:
         raise ValueError(f"multiple must be ≥ 1, got {multiple}")
     k = math.floor(budget * m * n / (m + n) + 1e-9)  # tolerance: 0.5·384 must give 192, not 191

@@ -57,6 +57,8 @@ def replace_layers(
     exclude: str | Sequence[str] = (),
     init: str = "dense",
     per_layer: dict[str, dict[str, Any]] | None = None,
+    untie: bool = False,
+    progress: bool = False,
     **kw: Any,
 ) -> dict[str, dict[str, Any]]:
     """Replace every targeted linear module of `model` with a `layer` layer, in place.
@@ -64,6 +66,9 @@ def replace_layers(
     init="dense": each new layer is built with `from_dense(old_module, **kw)` so that at full
     rank the model computes the same function; init="scratch": a fresh layer of the same shape.
     `per_layer` maps module names to extra keyword arguments (used when rebuilding from JSON).
+    A target whose weight or bias is tied to another module (GPT-2's lm_head and wte) is refused,
+    unless `untie=True`: then the other module keeps the tensor and the new layer approximates a copy.
+    `progress` shows a progress bar (a conversion from dense can take minutes for a large model).
     Returns {name: {"layer": ..., **structure}} of what was replaced; fails when nothing matched.
     """
     if init not in ("dense", "scratch"):
@@ -76,8 +81,14 @@ def replace_layers(
             f"no module of {type(model).__name__} matched targets {list(_as_list(targets))} "
             f"(exclude {list(_as_list(exclude))}); linear modules are e.g. {linear[:6]}"
         )
+    _check_ties(model, names, untie)
     replaced: dict[str, dict[str, Any]] = {}
-    for name in names:  # names were snapshotted above, so replacing while iterating is safe
+    steps = names
+    if progress:
+        from rich.progress import track
+
+        steps = track(names, description=f"converting to {layer}", transient=True)
+    for name in steps:  # names were snapshotted above, so replacing while iterating is safe
         old = model.get_submodule(name)
         args = {**kw, **(per_layer or {}).get(name, {})}
         weight, bias = dense_parts(old)
@@ -90,6 +101,48 @@ def replace_layers(
         replaced[name] = {"layer": layer, **new.structure()}
     log.info("replaced %d modules with %s layers: %s", len(names), layer, ", ".join(names))
     return replaced
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do two tensors share memory (the same Parameter, or views of one storage that overlap)?"""
+    if a is b:
+        return True
+    if a.device != b.device or a.is_meta or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_ties(model: nn.Module, names: list[str], untie: bool) -> None:
+    """Refuse (or, with `untie`, warn about) targets whose parameters are also another module's."""
+    everything = list(model.named_parameters(remove_duplicate=False))
+    untied = False
+    for name in names:
+        own = list(model.get_submodule(name).named_parameters(prefix=name))
+        for other, q in everything:
+            if other.startswith(name + "."):
+                continue
+            tied = next((n for n, p in own if _overlap(p, q)), None)
+            if tied is None:
+                continue
+            holder = other.rpartition(".")[0]
+            if not untie:
+                raise ValueError(
+                    f"{tied} is tied to {other} (they share memory): replacing {name} would silently untie "
+                    f"it from {holder}. Leave it out (exclude=[{name!r}]) or pass untie=True "
+                    f"({holder} keeps its weight, {name} becomes a structured copy)"
+                )
+            log.warning("untying %s from %s: %s keeps the tensor, %s gets a copy", tied, other, holder, name)
+            untied = True
+    if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # else HF's tie_weights() would tie them again
 
 
 def _as_list(x: str | Sequence[str]) -> list[str]:
@@ -126,7 +179,8 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]] | str
         by_type.setdefault(spec.pop("layer"), {})[name] = spec
     for layer, specs in by_type.items():
         targets = [re.escape(n) for n in specs]
-        replace_layers(model, layer, targets, init="scratch", per_layer=specs)
+        # untie: a saved structure that replaced a tied module was made with the tie broken explicitly
+        replace_layers(model, layer, targets, init="scratch", per_layer=specs, untie=True)
     return model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -93,6 +95,23 @@ def test_token_mask_drops_padding_and_float32_batches() -> None:
         model(x)
     assert stats.tokens("0") == 8
     assert torch.allclose(stats.gram("0"), gram_of([x[mask]]), rtol=1e-5)
+
+
+def test_token_mask_of_the_wrong_shape_is_an_error() -> None:
+    """A mask that does not match the (batch, seq) dims used to be ignored: padding was counted."""
+    model = nn.Sequential(nn.Linear(6, 4))
+    x = torch.randn(2, 5, 6)
+    with CalibrationStats(model, ["0"]) as stats:
+        for bad in (torch.ones(2, 4, dtype=torch.bool), torch.ones(10, dtype=torch.bool)):
+            stats.token_mask = bad
+            expected = f"token_mask has shape {tuple(bad.shape)} but the input of 0 has leading (batch, seq) dims (2, 5)"
+            with pytest.raises(ValueError, match=re.escape(expected)):
+                model(x)
+        stats.token_mask = torch.ones(2, 5, dtype=torch.bool)
+        model(x)
+        stats.token_mask = None
+        model(x[0])
+    assert stats.tokens("0") == 15  # nothing was counted by the refused batches
 
 
 def test_errors() -> None:

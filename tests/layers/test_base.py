@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +12,8 @@ from torch import nn
 from structlab.layers import LAYERS, StructuredLinear, dense_parts, layer_class, make_layer
 
 N_IN, N_OUT = 48, 80
+# layer types sized by a budget (a fraction of the dense MACs); tsvd is sized by a tolerance instead
+BUDGETED = sorted(n for n in LAYERS if "budget" in inspect.signature(LAYERS[n].__init__).parameters)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,3 +101,22 @@ def test_from_dense_linear_and_conv1d(name: str) -> None:
 def test_bad_sizes_are_rejected() -> None:
     with pytest.raises(ValueError, match="positive"):
         make_layer("dense", 0, 4)
+
+
+def test_the_budgeted_layers() -> None:
+    assert {"svd", "gblr"} <= set(BUDGETED) and "dense" not in BUDGETED and "tsvd" not in BUDGETED
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("name", BUDGETED)
+def test_budget_outside_unit_interval_is_rejected(name: str, bad: float) -> None:
+    """Every layer type reads `budget` as a fraction of the dense MACs in (0, 1]; the error names the key."""
+    with pytest.raises(ValueError, match=re.escape(f"layer.budget={bad} is outside (0, 1]")):
+        make_layer(name, N_IN, N_OUT, budget=bad)
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+def test_budget_one_is_at_most_the_dense_cost(name: str) -> None:
+    torch.manual_seed(5)
+    macs = make_layer(name, N_IN, N_OUT, budget=1.0).macs_per_token()
+    assert N_IN * N_OUT * 0.75 <= macs <= N_IN * N_OUT  # svd: 24·128 = 3072; gblr: 3801 of 3840

@@ -30,6 +30,12 @@ def test_rank_from_defaults_budget_and_rank() -> None:
         make_layer("svd", 48, 80, rank=4, budget=0.5)
     with pytest.raises(ValueError, match=r"rank must lie in \[1, 48\]"):
         make_layer("svd", 48, 80, rank=49)
+    assert make_layer("svd", 48, 80, budget=1.0).rank == 24  # 48·80/128 = 30 → 24: never above dense
+    for bad in (1.5, 0.0):  # β > 1 used to give a rank costing more than the dense layer
+        with pytest.raises(ValueError, match=rf"layer\.budget={bad} is outside \(0, 1\]"):
+            make_layer("svd", 48, 80, budget=bad)
+        with pytest.raises(ValueError, match=rf"layer\.budget={bad} is outside"):
+            LowRankLinear.from_dense(nn.Linear(48, 80), budget=bad)
 
 
 def test_full_rank_reproduces_dense() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -112,3 +113,24 @@ def test_qat_straight_through_and_redecompose() -> None:
     assert torch.equal(layer.u[:, :kept], old_u[:, :kept])  # surviving atoms are kept
     with pytest.raises(RuntimeError, match="qat"):
         make_layer("tsvd", 8, 8, rank=2).redecompose()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"tolerance": 0.0}, "layer.tolerance=0.0 is outside (0, 1)"),
+        ({"tolerance": 1.0}, "layer.tolerance=1.0 is outside (0, 1)"),
+        ({"tolerance": -0.05}, "layer.tolerance=-0.05 is outside (0, 1)"),
+        ({"tolerance": float("nan")}, "layer.tolerance=nan is outside (0, 1)"),
+        ({"max_rank": 0}, "layer.max_rank=0 must be ≥ 1"),
+        ({"rank": 0}, "layer.rank=0 must be ≥ 1"),
+    ],
+)
+def test_size_arguments_are_checked(kw: dict, message: str) -> None:
+    """tsvd has no budget: its size arguments are checked instead, from scratch and from a dense layer."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_layer("tsvd", 16, 12, **kw)
+    if "rank" not in kw:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TernaryLinear.from_dense(nn.Linear(16, 12), **kw)
+    assert make_layer("tsvd", 16, 12, tolerance=0.99, max_rank=1).rank == 1

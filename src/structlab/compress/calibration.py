@@ -38,7 +38,7 @@ class CalibrationStats:
 
     `batch_dtype` is the dtype of each batch's XᵀX (float32 is faster on GPUs; the running sum is
     float64 either way). Set `token_mask` (bool, shape of the inputs without the feature dim, e.g.
-    the attention mask) before a forward to drop padding tokens.
+    the attention mask) before a forward to drop padding tokens; any other shape is a ValueError.
     """
 
     def __init__(
@@ -103,7 +103,13 @@ class CalibrationStats:
     @torch.no_grad()
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
         feats = x.detach()
-        if self.token_mask is not None and tuple(self.token_mask.shape) == tuple(feats.shape[:-1]):
+        if self.token_mask is not None:
+            if tuple(self.token_mask.shape) != tuple(feats.shape[:-1]):  # ignoring it would count padding
+                raise ValueError(
+                    f"token_mask has shape {tuple(self.token_mask.shape)} but the input of {name} has "
+                    f"leading (batch, seq) dims {tuple(feats.shape[:-1])}: set stats.token_mask to this "
+                    "batch's mask (e.g. its attention_mask) before each forward, or to None"
+                )
             feats = feats[self.token_mask.to(device=feats.device, dtype=torch.bool)]
         feats = feats.reshape(-1, feats.shape[-1])
         st = self._stats.get(name)

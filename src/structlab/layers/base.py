@@ -110,7 +110,10 @@ class StructuredLinear(nn.Module):
         )
 
 
-def set_optim(param: nn.Parameter, **settings: Any) -> nn.Parameter:
-    """Attach per-parameter optimizer settings (lr, weight_decay, betas); see structlab.optim."""
-    param._optim = settings  # type: ignore[attr-defined]
-    return param
+def set_optim(module: nn.Module, name: str, **settings: Any) -> None:
+    """Optimizer settings (lr, weight_decay, betas) for `module`'s own parameter `name`; read by
+    `structlab.optim.param_groups`. Kept in the module's `_param_optim` dict, not on the Parameter:
+    `Parameter.__deepcopy__` drops attributes (an EMA copy would lose them), a module's dict is copied."""
+    if name not in module._parameters:
+        raise ValueError(f"{type(module).__name__} has no parameter {name!r} of its own")
+    module.__dict__.setdefault("_param_optim", {})[name] = dict(settings)

@@ -121,6 +121,15 @@ class TernaryLinear(StructuredLinear):
         prune_rate: float = 5.0,
     ) -> None:
         super().__init__(in_features, out_features, bias)
+        # No budget here: the size follows the tolerance (≥ 1 accepts W ≈ 0, i.e. rank 0 or 1) or the caps.
+        if not 0 < tolerance < 1:
+            raise ValueError(
+                f"layer.tolerance={tolerance} is outside (0, 1): it is the spectral relative error the "
+                "decomposition stops at; set e.g. layer.tolerance=0.05 (smaller: larger rank)"
+            )
+        for key, value in (("max_rank", max_rank), ("rank", rank)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"layer.{key}={value} must be ≥ 1 (or null)")
         self.tolerance, self.max_rank, self.qat = float(tolerance), max_rank, bool(qat)
         self.cos_thresh, self.steps, self.refine, self.prune_rate = cos_thresh, steps, refine, prune_rate
         w0 = torch.empty(out_features, in_features)
