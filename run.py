@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         _finish_wandb()
         print(f"outputs: {cfg.paths.output_dir}")
-    return summary["test"].get("test/acc")  # the value Hydra sweepers optimise
+    return summary["test"].get(f"test/{cfg.task.metric.name}")  # the value Hydra sweepers optimise
 
 
 def _finish_wandb() -> None:

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
 # ViT-B/16 training throughput: run.py (Lightning, synthetic ImageNet-shaped batches on the GPU, bf16,
-# batch 256) against the plain timm loop (../shared/bench/plain_timm_loop.py), eager and compiled,
-# all in one run on one GPU. Prints a markdown table; figures go to docs/benchmarks.md.
-#   bash scripts/bench_vit_train.sh [path/to/plain_timm_loop.py] [steps]
+# batch 256) against a bare PyTorch loop (scripts/plain_timm_loop.py), eager and compiled, all in
+# one run on one GPU. Prints a markdown table; figures go to docs/benchmarks.md.
+#   bash scripts/bench_vit_train.sh [steps]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PLAIN=${1:-../shared/bench/plain_timm_loop.py}
-STEPS=${2:-40}
+STEPS=${1:-40}
 PY=${PYTHON:-python3}
 LOGS=$(mktemp -d)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 $PY -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
 
-plain() { $PY "$PLAIN" --batch 256 --steps "$STEPS" "$@" | tee -a "$LOGS/plain.txt"; }
+plain() { $PY scripts/plain_timm_loop.py --batch 256 --steps "$STEPS" "$@" | tee -a "$LOGS/plain.txt"; }
 structlab() {  # $1: name, rest: overrides
   local name=$1; shift
   $PY run.py experiment=synthetic/vit_b16-dense logger=csv print_config=false paths.log_dir="$LOGS" \

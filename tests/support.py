@@ -3,11 +3,13 @@ several conftest.py files exist)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -79,3 +81,34 @@ def fused_vs_composed_gblr(layer, x, grad_y) -> dict[str, tuple]:
         y.backward(grad_y)
         runs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
     return dict(zip(["y", "x", *dict(layer.named_parameters())], zip(*runs, strict=True), strict=True))
+
+
+
+class AugmentationProbe(L.Callback):
+    """For run.py subprocesses (`+callbacks.probe._target_=support.AugmentationProbe`, PYTHONPATH=tests):
+    at train start, augment one fixed batch through the datamodule as training does and write which
+    of its images came out flipped to <run dir>/augment_rank<r>.json."""
+
+    def on_train_start(self, trainer, pl_module):
+        import torch
+
+        g = torch.Generator().manual_seed(0)  # the same images on every rank
+        x = torch.randint(0, 255, (64, 1, 28, 28), generator=g, dtype=torch.uint8)
+        dm = trainer.datamodule
+        out, _ = dm.on_after_batch_transfer((x, torch.zeros(64, dtype=torch.long)), 0)
+        flipped = [int(not torch.equal(o, p)) for o, p in zip(out, dm.normalize(x), strict=True)]
+        path = Path(trainer.default_root_dir) / f"augment_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(flipped))
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")
+
+
+class FailOnceSaved(L.Callback):
+    """Makes every checkpoint save fail mid-write (as a full disk would) once last.ckpt exists."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if (Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt").exists():
+            checkpoint["bad"] = _Unpicklable()

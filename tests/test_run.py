@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import run_cli, spawn_cli
+from support import ROOT, run_cli, spawn_cli
 
 from structlab.config import run_id
 
@@ -61,11 +61,16 @@ def test_run_writes_config_checkpoints_metrics_and_summary(trained):
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["run"]["name"] == "base" and summary["speed"]["epochs / steps"] == "2 / 8"
     assert summary["test"]["test/acc"] == pytest.approx(column(rows, "test/acc")[0])
-    assert summary["cost"]["parameters"] == 306_826 and summary["speed"]["train samples/s"] > 0
+    assert summary["run"]["tested checkpoint"] == "best val/acc (max)"
+    assert summary["run"]["validation"].startswith("held out from train (200")
+    cost = summary["cost"]
+    assert cost["parameters: dense"] == cost["parameters: deployed"] == 306_826
+    assert summary["speed"]["train samples/s"] > 0
     # ViT, 7×7 patches of 28×28: 16 patches + class token, width 96, MLP 192, 4 blocks, 10 classes
     tokens, d, h = 17, 96, 192
     block = tokens * (d * 3 * d + d * d + 2 * d * h) + 2 * tokens * tokens * d  # linears + QKᵀ and AV
-    assert summary["cost"]["MACs per sample (executed)"] == 16 * 49 * d + 4 * block + d * 10
+    macs = 16 * 49 * d + 4 * block + d * 10
+    assert cost["MACs per sample: dense"] == cost["MACs per sample: deployed"] == macs
 
 
 def test_resume_continues_from_last_checkpoint(trained, fmnist_dir):
@@ -120,17 +125,39 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(trained, fmnist_dir, tmp
     assert last.read_bytes() == before  # the good checkpoint is intact
 
 
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(fmnist_dir, tmp_path):
+    """The run's own checkpoint callbacks: a save that fails midway (here an unpicklable object, as a
+    full disk would) stops the run and leaves last.ckpt of the epoch before byte for byte, no debris."""
+    result = run_cli(
+        *common(fmnist_dir, tmp_path),
+        "run_name=full",
+        "+callbacks.fail._target_=support.FailOnceSaved",
+        env={"PYTHONPATH": str(ROOT / "tests")},
+    )
+    assert result.returncode != 0 and "disk full" in result.stderr
+    folder = tmp_path / "runs" / "full" / "checkpoints"
+    saved = torch.load(folder / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 4 and "bad" not in saved  # the end of epoch 1 (4 steps)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch000-step000004.ckpt", "last.ckpt"]
+
+
 def test_ddp_on_two_cpu_processes(fmnist_dir, tmp_path):
+    """2 gloo processes: each rank draws its own augmentations (seed + rank), the parameters stay
+    identical (one initialisation seed, DDP's gradient all-reduce), and the loss goes down."""
     result = run_cli(
         *common(fmnist_dir, tmp_path),
         "run_name=ddp",
         "trainer=ddp_cpu",
         "trainer.max_epochs=3",
         "task.data.batch_size=32",
+        "+callbacks.probe._target_=support.AugmentationProbe",
+        env={"PYTHONPATH": str(ROOT / "tests")},
     )
     ok(result)
     out = result.stdout + result.stderr
     assert "parameters identical on all 2 ranks" in out
+    flips = [json.loads((tmp_path / "runs" / "ddp" / f"augment_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(0 < sum(f) < 64 for f in flips) and flips[0] != flips[1]
     losses = column(metrics(tmp_path / "runs" / "ddp"), "train/loss_epoch")
     assert len(losses) == 3 and losses[-1] < losses[0]
     summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())

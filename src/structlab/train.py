@@ -11,6 +11,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,7 @@ from structlab.budget import macs_per_sample, model_cost
 from structlab.callbacks import SpeedMonitor, WholeGlobalBatches
 from structlab.config import batch_plan, print_config, save_config, world_size
 from structlab.summary import write_summary
+from structlab.tasks.structured import StructuredModule, take
 
 log = logging.getLogger("structlab")
 # `import lightning` adds its own console handler; Hydra's root handlers (console + run.log) already
@@ -32,7 +34,7 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def _callbacks(cfg: DictConfig) -> list[L.Callback]:
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), WholeGlobalBatches()]
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), WholeGlobalBatches(cfg.get("global_batch_size"))]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return callbacks
@@ -60,8 +62,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return None
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Datamodule, LightningModule and Trainer from the config (the batch rule applied)."""
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, StructuredModule, L.Trainer]:
+    """Datamodule, LightningModule (dense: conversion happens once training starts) and Trainer."""
     t = cfg.trainer
     world = world_size(t.get("devices", 1), t.get("num_nodes", 1), t.get("accelerator", "cpu"))
     per_device, accumulate = batch_plan(cfg.get("global_batch_size"), cfg.task.data.get("batch_size"), world)
@@ -82,7 +84,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (then test on the best checkpoint) or evaluate; returns the summary dict."""
+    """Train (then test a checkpoint chosen on validation) or evaluate; returns the summary dict."""
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
     if cfg.mode == "eval" and not cfg.get("ckpt_path"):
@@ -93,70 +95,112 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("print_config", True):
             print_config(cfg)
         save_config(cfg, output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True)  # one seed for the model's initialisation
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     ckpt = resume_checkpoint(cfg) if cfg.mode == "train" else None
     datamodule, module, trainer = build(cfg)
+    # and one per rank for everything drawn from now on (augmentation, mixup, dropout)
+    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
     if cfg.mode == "train":
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        tested = tested_checkpoint(trainer, datamodule, cfg.task.metric)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"] or None)
     else:
         ckpt_path = Path(cfg.ckpt_path)
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
-        best = str(ckpt_path)
-        module = type(module).load_from_checkpoint(best, map_location="cpu")
+        tested = {"path": str(ckpt_path), "which": "given by ckpt_path"}
+        module = type(module).load_from_checkpoint(ckpt_path, map_location="cpu")
         results = trainer.test(module, datamodule=datamodule)
 
-    summary = summarize(cfg, module, datamodule, trainer, results, best, time.perf_counter() - start)
+    summary = summarize(cfg, module, datamodule, trainer, results, tested, time.perf_counter() - start)
     if trainer.is_global_zero:
         write_summary(summary, output_dir)
     return summary
 
 
-def cost_rows(model: torch.nn.Module, sample: torch.Tensor) -> dict[str, Any]:
-    """Parameters, MACs as executed (FlopCounterMode) and, with structured layers, the budget they reach."""
+def tested_checkpoint(trainer: L.Trainer, datamodule: Any, metric: DictConfig) -> dict[str, str]:
+    """The best checkpoint by val/<metric>, or the last one when validation ran on the test split
+    (selecting on the split that is then reported would overstate the result)."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return {"path": "", "which": "the final weights (checkpointing is off)"}
+    if getattr(datamodule, "validates_on_test", False):
+        return {"path": callback.last_model_path, "which": "last (validation ran on the test split)"}
+    which = f"best val/{metric.name} ({metric.mode})"
+    return {"path": callback.best_model_path, "which": which}
+
+
+def example_batch(datamodule: Any, module: StructuredModule, samples: int = 1) -> Any:
+    """`samples` samples of a real test batch, as the model sees them (on its device, transformed)."""
+    batch = next(iter(datamodule.test_dataloader()))
+    batch = module.transfer_batch_to_device(batch, module.device, 0)
+    return take(datamodule.on_after_batch_transfer(batch, 0), samples)
+
+
+def stored_values(model: torch.nn.Module) -> int:
+    """Parameters and buffers (an exported layer may keep its weights as buffers), tied ones once."""
+    return sum(t.numel() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
+def cost_rows(module: StructuredModule, inputs: Any) -> dict[str, Any]:
+    """Parameters and MACs per sample (executed, FlopCounterMode) of the dense network, the network as
+    trained and its deployed (exported) form, and the budget the structured layers reach."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        dense = module.build_dense()
+    deployed = module.deployed()
     rows: dict[str, Any] = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "MACs per sample (executed)": macs_per_sample(model, sample),
+        "parameters: dense": stored_values(dense),
+        "parameters: as trained": stored_values(module.model),
+        "parameters: deployed": stored_values(deployed),
+        "MACs per sample: dense": macs_per_sample(dense, move_data_to_device(inputs, "meta")),
+        "MACs per sample: as trained": macs_per_sample(module.model, inputs),
+        "MACs per sample: deployed": macs_per_sample(deployed, move_data_to_device(inputs, "cpu")),
     }
-    cost = model_cost(model)
+    cost = model_cost(module.model)
     if cost["structured_layers"]:
         rows["structured layers"] = cost["structured_layers"]
         rows["budget (structured MACs / dense)"] = round(cost["budget"], 4)
     return rows
 
 
-def summarize(cfg, module, datamodule, trainer, results, best: str, wall: float) -> dict[str, Any]:
+def summarize(cfg, module, datamodule, trainer, results, tested: dict[str, str], wall: float) -> dict[str, Any]:
     speed = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
-    sample = torch.zeros(1, datamodule.in_chans, datamodule.img_size, datamodule.img_size)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     loggers = {
         type(lg).__name__.replace("Logger", "").lower(): lg.log_dir or lg.save_dir for lg in trainer.loggers
     }
+    per_device, accumulate = datamodule.batch_size, trainer.accumulate_grad_batches
+    run_rows = {
+        "name": cfg.run_name,
+        "mode": cfg.mode,
+        "model": cfg.model.name,
+        "layer": cfg.layer.name,
+        "task": cfg.task.name,
+        "devices": trainer.world_size,
+        "precision": str(trainer.precision),
+        "global batch": f"{per_device * trainer.world_size * accumulate} = "
+        f"{per_device} per device × {trainer.world_size} × {accumulate} accumulated",
+    }
+    if hasattr(datamodule, "validation_split"):
+        run_rows["validation"] = datamodule.validation_split
+    run_rows["tested checkpoint"] = tested["which"]
+    speed_rows: dict[str, Any] = {}
+    if speed is not None and speed.timed_seconds > 0:
+        speed_rows["train samples/s"] = round(speed.samples_per_sec(), 1)
+        if speed.timed_tokens:
+            speed_rows["train tokens/s"] = round(speed.tokens_per_sec(), 1)
+    if speed is not None:
+        speed_rows["train wall time (s)"] = round(speed.fit_seconds, 1)
+    speed_rows["total wall time (s)"] = round(wall, 1)
+    speed_rows["epochs / steps"] = f"{trainer.current_epoch} / {trainer.global_step}"
     return {
-        "run": {
-            "name": cfg.run_name,
-            "mode": cfg.mode,
-            "model": cfg.model.name,
-            "layer": cfg.layer.name,
-            "task": cfg.task.name,
-            "devices": trainer.world_size,
-            "precision": str(trainer.precision),
-            "global batch": f"{datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches} = "
-            f"{datamodule.batch_size} per device × {trainer.world_size} × {trainer.accumulate_grad_batches} accumulated",
-        },
+        "run": run_rows,
         "test": metrics,
-        "cost": cost_rows(module.model, sample.to(module.device)),
-        "speed": {
-            "train samples/s": round(speed.samples_per_sec(), 1) if speed else "n/a",
-            "train wall time (s)": round(speed.fit_seconds, 1) if speed else "n/a",
-            "total wall time (s)": round(wall, 1),
-            "epochs / steps": f"{trainer.current_epoch} / {trainer.global_step}",
-        },
-        "outputs": {"run dir": str(cfg.paths.output_dir), "checkpoint": best or "none", **loggers},
+        "cost": cost_rows(module, module.model_inputs(example_batch(datamodule, module))),
+        "speed": speed_rows,
+        "outputs": {"run dir": str(cfg.paths.output_dir), "checkpoint": tested["path"] or "none", **loggers},
     }

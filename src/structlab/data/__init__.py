@@ -5,6 +5,7 @@ from structlab.data.cifar import CIFARDataModule
 from structlab.data.fashion_mnist import FashionMNISTDataModule
 from structlab.data.imagenet import ImageNetDataModule
 from structlab.data.synthetic import SyntheticImageDataModule
+from structlab.data.synthetic_text import SyntheticTextDataModule
 
 __all__ = [
     "CIFARDataModule",
@@ -13,4 +14,5 @@ __all__ = [
     "ImageNetDataModule",
     "MissingDatasetError",
     "SyntheticImageDataModule",
+    "SyntheticTextDataModule",
 ]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from structlab.data.base import ImageDataModule
+from structlab.data.base import TEST_SPLIT, ImageDataModule
 
 
 class _RepeatBatch(Dataset):
@@ -43,6 +43,7 @@ class SyntheticImageDataModule(ImageDataModule):
         **kw,
     ) -> None:
         super().__init__(**kw)
+        self.validation_split = TEST_SPLIT  # one random batch serves both: nothing to select on
         self.img_size, self.num_classes, self.in_chans = img_size, num_classes, in_chans
         self.steps_per_epoch, self.eval_steps, self.on_device = steps_per_epoch, eval_steps, on_device
 

@@ -1,5 +1,8 @@
-"""LightningModules: one per task; each owns model + loss + metrics, never its data."""
+"""LightningModules: one per task, each a thin layer (loss, metrics, batch format) over the shared
+StructuredModule (surgery, checkpointed structure, compile, optimizer)."""
 
 from structlab.tasks.classification import ClassificationModule
+from structlab.tasks.language_modeling import LanguageModelingModule
+from structlab.tasks.structured import StructuredModule
 
-__all__ = ["ClassificationModule"]
+__all__ = ["ClassificationModule", "LanguageModelingModule", "StructuredModule"]
