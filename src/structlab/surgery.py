@@ -165,6 +165,31 @@ def save_structure(model: nn.Module, directory: str | Path) -> Path:
     return path
 
 
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_structured(model: nn.Module, directory: str | Path) -> Path:
+    """structure.json + model.safetensors: everything that rebuilds the structured model from its
+    architecture (`load_structured`); tied tensors are stored once."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_structure(model, directory)
+    save_model(model, str(directory / WEIGHTS_FILE))
+    return directory
+
+
+def load_structured(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Rebuild in place what `save_structured` wrote, into a freshly built `model` of the same
+    architecture: structure first (the layers' shapes), then the weights, strictly."""
+    from safetensors.torch import load_model
+
+    apply_structure(model, directory)
+    load_model(model, str(Path(directory) / WEIGHTS_FILE), strict=True)
+    return model
+
+
 def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]] | str | Path) -> nn.Module:
     """Rebuild the structured layers named in `structure` (a dict or a structure.json path) in place.
 
