@@ -118,3 +118,18 @@ def test_gpu_gblr_compiled_training(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "runs" / "gpu_gblr" / "summary.json").read_text())
     assert summary["speed"]["epochs / steps"] == "1 / 12"
+
+
+def test_gpu_gblr_mask_gradient_runs_the_compiled_kernel():
+    """On CUDA the analytic mask gradient of an eager training step runs through the compiled spectral
+    kernel, not the eager fallback (which only build failures of torch.compile may select)."""
+    import torch
+
+    from structlab.layers import gaudi, make_layer
+
+    torch.manual_seed(0)
+    layer = make_layer("gblr", 96, 160, budget=0.5).cuda()
+    runs = gaudi._COMPILED_RUNS[0]
+    layer(torch.randn(4000, 96, device="cuda")).square().mean().backward()
+    assert not gaudi._COMPILE_FAILED and gaudi._COMPILED_RUNS[0] > runs
+    assert torch.isfinite(layer.widths.grad).all() and layer.locations.grad.abs().sum() > 0

@@ -15,10 +15,10 @@ import math
 from typing import Any
 
 import lightning as L
-import torch
 from torch import nn
 
 from structlab.layers.gblr import GaudiGBLRLinear, project_widths
+from structlab.layers.gblr_fit import budget_and_mean_width, floor_fraction
 from structlab.layers.tsvd import TernaryLinear
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ def _macs_fraction(layers: list[Any]) -> float:
 class _AfterOptimizerStep(L.Callback):
     """Calls `after_step` once per real optimizer step (so once per `accumulate_grad_batches` batches).
 
-    Subclasses find their layers in `find_layers`; when there are none they stay idle and say so once.
+    Subclasses find their layers in `find_layers`; when there are none they stay idle (a debug message
+    says so: every default run has these callbacks, most without the layers).
     """
 
     what = "structured"
@@ -61,7 +62,7 @@ class _AfterOptimizerStep(L.Callback):
         self._last_step = trainer.global_step
         if not self.layers:
             if trainer.is_global_zero:
-                log.info("%s: the model has no %s layer; doing nothing", type(self).__name__, self.what)
+                log.debug("%s: the model has no %s layer; doing nothing", type(self).__name__, self.what)
             return
         self.start(trainer, pl_module)
 
@@ -80,9 +81,10 @@ class GBLRBudget(_AfterOptimizerStep):
 
     After every `every_n_steps`-th optimizer step (and once at train start and at train end) all
     widths are projected exactly onto {w ∈ [min_width, 1] : Σ MACs ≤ budget · Σ dense MACs} with
-    `project_widths` (float64 on the CPU: the same λ on every rank). `budget=None` takes the
-    layers' own budgets (their dense-MAC-weighted mean); `min_width=None` the largest of the
-    layers' own `min_width`. Logs the achieved budget and the mean width once per epoch.
+    `project_widths` (float64 on the parameters' device, deterministic: the same λ on every rank, and
+    no host sync per step). `budget=None` takes the layers' own budgets (their dense-MAC-weighted
+    mean); `min_width=None` the largest of the layers' own `min_width`. Logs the achieved budget and
+    the mean width once per epoch (one device-to-host transfer).
     """
 
     what = "gblr"
@@ -98,7 +100,7 @@ class GBLRBudget(_AfterOptimizerStep):
         self.budget, self.min_width, self.every_n_steps = budget, min_width, every_n_steps
         self.projections = 0
         self._projected_at: int | None = None
-        self._warned = False
+        self._checked: tuple[float, float] | None = None  # (floor, target) last checked for reachability
 
     def find_layers(self, pl_module: L.LightningModule) -> list[Any]:
         return _layers_of(pl_module, GaudiGBLRLinear)
@@ -119,19 +121,23 @@ class GBLRBudget(_AfterOptimizerStep):
         project_widths(self.layers, target, floor)
         self.projections += 1
         self._projected_at = trainer.global_step
-        achieved = _macs_fraction(self.layers)
-        if achieved > target * (1 + 1e-9) and not self._warned and trainer.is_global_zero:
-            self._warned = True
+        if (floor, target) == self._checked:
+            return
+        # the least reachable cost (every width at the floor) depends on the floor and the shapes alone:
+        # checked on the host when they change, not by reading the projected widths back every step
+        self._checked = (floor, target)
+        least = floor_fraction(self.layers, floor)
+        if least > target * (1 + 1e-9) and trainer.is_global_zero:
             log.warning(
                 "GBLRBudget: budget %.4f is unreachable with min_width %.4f (every width at its floor "
                 "costs %.4f of the dense MACs); lower min_width or raise the budget",
                 target,
                 floor,
-                achieved,
+                least,
             )
 
     def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        before = _macs_fraction(self.layers)
+        before = budget_and_mean_width(self.layers)[0]
         self.project(trainer)
         if trainer.is_global_zero:
             log.info(
@@ -157,9 +163,9 @@ class GBLRBudget(_AfterOptimizerStep):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.layers:
             return
-        widths = torch.cat([la.widths.detach().float().clamp(0, 1).flatten().cpu() for la in self.layers])
-        pl_module.log("structure/budget", _macs_fraction(self.layers), on_step=False, on_epoch=True)
-        pl_module.log("structure/mean_width", float(widths.mean()), on_step=False, on_epoch=True)
+        budget, mean_width = budget_and_mean_width(self.layers)
+        pl_module.log("structure/budget", budget, on_step=False, on_epoch=True)
+        pl_module.log("structure/mean_width", mean_width, on_step=False, on_epoch=True)
 
 
 class SigmaAnneal(_AfterOptimizerStep):

@@ -20,8 +20,20 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors as triton_errors
 except ImportError:  # no Triton (e.g. macOS): the torch path serves every device
     triton = None
+else:
+    # what Triton raises when it cannot build or run here: no C compiler for its launcher or no driver
+    # (RuntimeError, ImportError), a target it cannot compile for (CompilationError, ptxas errors),
+    # too little shared memory for the launch shape (OutOfResources)
+    _CANNOT_LAUNCH = (RuntimeError, ImportError, CompilationError, triton_errors.OutOfResources)
+    _CANNOT_LAUNCH += (getattr(triton_errors, "PTXASError", RuntimeError),)
+
+
+class KernelsUnavailable(RuntimeError):
+    """Triton could not build or launch a kernel on this machine (raised from the launch only)."""
 
 
 def blocks_in_torch(
@@ -108,7 +120,12 @@ def _launch(kernel, tiles: int, tokens: int, blocks: torch.Tensor, *args) -> Non
     _, bk, bn = blocks.shape
     grid = (tiles, triton.cdiv(tokens, TOKEN_TILE))
     ieee = blocks.dtype == torch.float32
-    kernel[grid](*args, BK=bk, BN=bn, BT=TOKEN_TILE, IEEE=ieee, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    try:
+        kernel[grid](
+            *args, BK=bk, BN=bn, BT=TOKEN_TILE, IEEE=ieee, num_warps=NUM_WARPS, num_stages=NUM_STAGES
+        )
+    except _CANNOT_LAUNCH as err:
+        raise KernelsUnavailable(f"{err!r:.200}") from err
 
 
 def blocks_in(x: torch.Tensor, blocks: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -153,7 +170,7 @@ def block_sparse_linear(
     if kernels and triton is not None and not _KERNELS_FAILED:
         try:
             return blocks_out(blocks_in(x, w_in, ptr_in, idx_in), w_out, ptr_out, idx_out, bias)
-        except Exception as err:  # an unsupported GPU, no C compiler for Triton's launcher, …
+        except KernelsUnavailable as err:  # only the launches are covered: errors in our own code propagate
             _KERNELS_FAILED.append(err)
             warnings.warn(f"gblr export runs without its Triton kernels: {err!r:.200}", stacklevel=2)
     zt = blocks_in_torch(x, w_in, ptr_in, idx_in)

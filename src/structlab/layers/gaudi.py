@@ -7,9 +7,11 @@ has a closed form that one rfft of the incoming gradient evaluates for every pos
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -109,16 +111,45 @@ def mask_grads(
         if g is not None:
             spec[a, :, : size // 2 + 1] = torch.fft.rfft(g.to(w.dtype), n=size)  # G_f = Σ_t g_t e^{−2πift/n}
     args = (w, loc, spec.real, spec.imag, f, n, c * base)
-    if w.is_cuda and not _COMPILE_FAILED and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and w.is_cuda and not _EAGER and not _COMPILE_FAILED:
         try:
-            return _compiled_terms()(*args)
-        except Exception as err:  # no Triton for this GPU, no C compiler, …: stay correct, eager
+            terms = _compiled_terms()(*args)
+        except _compile_errors() as err:  # Inductor cannot build here (no Triton, GPU too old, no C compiler)
             _COMPILE_FAILED.append(err)
             warnings.warn(f"gblr mask gradient runs eager: torch.compile failed ({err!r:.200})", stacklevel=2)
+        else:
+            _COMPILED_RUNS[0] += 1
+            return terms
     return _spectral_terms(*args)
 
 
 _COMPILE_FAILED: list[Exception] = []
+_COMPILED_RUNS = [0]  # calls the compiled kernel served (a GPU test checks the fast path ran)
+_EAGER = False  # set by `eager_terms`
+
+
+@contextlib.contextmanager
+def eager_terms() -> Iterator[None]:
+    """Within: the mask gradient runs eager on a GPU too. For shapes used for a few hundred steps only
+    (fitting layer after layer), where compiling the kernel for each shape costs more than it saves."""
+    global _EAGER
+    before, _EAGER = _EAGER, True
+    try:
+        yield
+    finally:
+        _EAGER = before
+
+
+@functools.cache
+def _compile_errors() -> tuple[type[Exception], ...]:
+    """What torch.compile raises when its backend cannot build for this machine. Dynamo's own errors
+    (a graph it cannot trace: a bug here) and errors of the function itself are not among them."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor import exc
+
+    # newer torch raises these two unwrapped (older wraps every backend error in BackendCompilerFailed)
+    names = ("TritonMissing", "GPUTooOldForTriton")
+    return (BackendCompilerFailed, *(getattr(exc, name) for name in names if hasattr(exc, name)))
 
 
 def _spectral_terms(w, loc, g_re, g_im, f, n, cb):  # noqa: ANN001, ANN202

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from structlab.budget import check_budget
 from structlab.layers.base import StructuredLinear, compute_dtype, set_optim
 from structlab.layers.gaudi import _GaudiMasks, _grid, _ste_round, gaudi_mask
 from structlab.layers.gblr_box import BoxGBLRLinear
@@ -58,31 +59,40 @@ class GaudiGBLRLinear(StructuredLinear):
         full_share: float = 0.5,
         fit_steps: int = 300,
         min_width: float = 0.0,
+        _scratch: bool = True,
     ) -> None:
         super().__init__(in_features, out_features, bias)
-        if not budget > 0:
-            raise ValueError(f"budget must be positive, got {budget}")
+        budget = check_budget(budget)
         self.components = int(components or min(in_features, out_features))
         self.rank_per_component = int(rank)
         self.budget, self.rounding, self.full_share = float(budget), bool(rounding), float(full_share)
         self.fit_steps, self.min_width = int(fit_steps), float(min_width)
         kr = self.components * self.rank_per_component
-        self.U = nn.Parameter(torch.empty(out_features, kr))
-        self.V = nn.Parameter(torch.empty(in_features, kr))
-        self.widths = nn.Parameter(torch.empty(2, self.components))  # [out, in]
-        self.locations = nn.Parameter(torch.empty(2, self.components))
+        self.U = nn.Parameter(torch.zeros(out_features, kr))
+        self.V = nn.Parameter(torch.zeros(in_features, kr))
+        self.widths = nn.Parameter(torch.zeros(2, self.components))  # [out, in]
+        self.locations = nn.Parameter(torch.zeros(2, self.components))
         extra = {} if structure_lr is None else {"lr": structure_lr}
-        for p in (self.widths, self.locations):
-            set_optim(p, weight_decay=0.0, betas=(0.0, 0.999), **extra)
+        for name in ("widths", "locations"):
+            set_optim(self, name, weight_decay=0.0, betas=(0.0, 0.999), **extra)
         self.register_buffer("gaudi_sigma", torch.tensor(math.inf))
         self.sigma = sigma
+        self._live_mask: torch.Tensor | None = None
         self._live: torch.Tensor | None = None
-        w0 = torch.empty(out_features, in_features)
-        nn.init.kaiming_uniform_(w0, a=math.sqrt(5))  # nn.Linear's default
-        with torch.no_grad():
-            self._init_structure(self.budget)
-            self._init_factors(w0, match_norm=True)
+        if _scratch:  # from_dense passes False: its fit replaces all of this
+            w0 = torch.empty(out_features, in_features)
+            nn.init.kaiming_uniform_(w0, a=math.sqrt(5))  # nn.Linear's default
+            with torch.no_grad():
+                self._init_structure(self.budget)
+                self._init_factors(w0, match_norm=True)
         self.reset_bias()
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, **kw: Any) -> GaudiGBLRLinear:
+        """Fitted to `module`'s weight (see `fit_to_dense`). The from-scratch init is skipped: its SVD of
+        a random matrix runs on the CPU before the layer moves to the weight's device, and the fit
+        overwrites every factor, width and location anyway."""
+        return super().from_dense(module, _scratch=False, **kw)
 
     # --- σ as a plain attribute, stored in the state dict -------------------------------------
     @property
@@ -99,7 +109,7 @@ class GaudiGBLRLinear(StructuredLinear):
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._live = None
+        self._live_mask = self._live = None
         s = float(self.gaudi_sigma)
         self._sigma = None if math.isinf(s) else s
 
@@ -127,12 +137,14 @@ class GaudiGBLRLinear(StructuredLinear):
         self.widths.copy_(widths)
         self.locations.copy_(locations)
 
-    def _init_factors(self, weight: torch.Tensor, match_norm: bool) -> None:
-        """Component k takes singular pairs kr…kr+r−1 of `weight` (√σ split); with `match_norm` the
-        partial-width components are rescaled so that ‖W‖_F equals ‖weight‖_F (keeps a standard
-        init's output scale)."""
+    def _init_factors(
+        self, weight: torch.Tensor, match_norm: bool, svd: tuple[torch.Tensor, ...] | None = None
+    ) -> None:
+        """Component k takes singular pairs kr…kr+r−1 of `weight` (√σ split; `svd`: its thin SVD when
+        the caller has it); with `match_norm` the partial-width components are rescaled so that ‖W‖_F
+        equals ‖weight‖_F (keeps a standard init's output scale)."""
         m, n, kr = self.out_features, self.in_features, self.U.shape[1]
-        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False) if svd is None else svd
         q = min(kr, s.numel())
         a = torch.randn(m, kr, device=weight.device) * 1e-3 * float(s[0].sqrt()) / math.sqrt(m)
         b = torch.randn(n, kr, device=weight.device) * 1e-3 * float(s[0].sqrt()) / math.sqrt(n)
@@ -185,30 +197,42 @@ class GaudiGBLRLinear(StructuredLinear):
         return u @ v.T
 
     # --- components whose two masks are both empty (no output, no gradient: skipped) ------------
-    def _set_live(self, widths: torch.Tensor | None = None) -> None:
-        """Cache which components can matter. A component with zero rows and zero columns gets no
-        gradient (both masked factors vanish), so it stays dead until something other than a gradient
-        step (a projection with min_width > 0, a state-dict load) moves its widths: `project_widths`
-        refreshes this cache, loading clears it. Without a cache every component is computed."""
-        w = (self.widths.detach() if widths is None else widths).to("cpu", torch.float64).clamp(0, 1)
-        sizes = torch.tensor([[self.out_features], [self.in_features]], dtype=torch.float64)
-        live = ((torch.round(w * sizes) >= 1) if self.rounding else (w > 0)).any(0)
-        if bool(live.all()):
-            self._live = None
-        else:
-            cols = (
-                live.nonzero().flatten()[:, None] * self.rank_per_component
-                + torch.arange(self.rank_per_component)
-            ).flatten()
-            self._live = cols.to(self.U.device)
+    def _set_live(self, mask: torch.Tensor | None = None) -> None:
+        """Record which components can matter: `mask` (bool, K, on the widths' device) from the budget
+        projection, else computed from the current widths; on the device, no host sync. A component
+        with zero rows and zero columns gets no gradient (both masked factors vanish), so it stays dead
+        until something other than a gradient step (a projection with min_width > 0, a state-dict
+        load) moves its widths: `project_widths` refreshes the mask, loading clears it. Without a mask
+        every component is computed."""
+        if mask is None:
+            w = self.widths.detach().double().clamp(0, 1)
+            if self.rounding:
+                sizes = _grid((self.out_features, self.in_features), None, w.device, w.dtype)[2][:, 0]
+                mask = (torch.round(w * sizes) >= 1).any(0)
+            else:
+                mask = (w > 0).any(0)
+        self._live_mask, self._live = mask, None
+
+    def _live_columns(self) -> torch.Tensor | None:
+        """Columns of U and V of the live components (None: all of them). Derived from the mask on first
+        use after each projection: reading it back is one host sync, paid only by the skinny-GEMM path
+        (few tokens per call), never by the materialised training path."""
+        mask = getattr(self, "_live_mask", None)  # getattr: modules pickled before the mask existed
+        if mask is not None:
+            self._live_mask = None
+            live = mask.nonzero().flatten()
+            r = self.rank_per_component
+            cols = (live[:, None] * r + torch.arange(r, device=live.device)).flatten()
+            self._live = None if live.numel() == mask.numel() else cols.to(self.U.device)
+        return getattr(self, "_live", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        live = getattr(self, "_live", None)
-        m, n = self.out_features, self.in_features
-        kr = self.U.shape[1] if live is None else live.numel()
+        m, n, kr = self.out_features, self.in_features, self.U.shape[1]
         tokens = x.numel() // n
+        # decided on shapes alone (not on the live count, which needs a sync and changes every projection)
         if tokens * kr * (m + n) < kr * m * n + tokens * m * n:  # two skinny GEMMs beat W
             u, v = self.masked_factors()
+            live = self._live_columns()
             if live is not None:
                 if live.device != u.device:
                     live = self._live = live.to(u.device)
