@@ -105,6 +105,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
     if cfg.mode == "train":
+        if ckpt:
+            module.structure_from(ckpt)  # resuming rebuilds the structure, never converts again
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         tested = tested_checkpoint(trainer, datamodule, cfg.task.metric)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"] or None)

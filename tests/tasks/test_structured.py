@@ -44,7 +44,6 @@ def test_the_core_names_no_task():
         assert word not in source, word
 
 
-@pytest.mark.slow
 def test_language_model_trains_resumes_and_evaluates_through_run(tmp_path, conversions):
     """gblr from dense on GPT-2's Conv1D projections: converted once; resume and eval rebuild the
     structure from the checkpoint instead."""

@@ -69,10 +69,10 @@ def plain_copy(model: nn.Module) -> nn.Module:
 class StructuredModule(L.LightningModule):
     """model: {name, targets, exclude, **build kwargs}; layer: {name, init, **layer kwargs}.
 
-    The constructor builds the dense network only (cheap), so `load_from_checkpoint` and resume never
-    convert: the structure comes from the checkpoint and the weights from its state dict. A new run
-    converts the targeted layers once, in `configure_model` (on the training device, rank 0 under
-    DDP, broadcast to the other ranks).
+    The constructor builds the dense network only (cheap), so `load_from_checkpoint` and resume
+    (`structure_from` before `trainer.fit(ckpt_path=...)`) never convert: the structure comes from the
+    checkpoint and the weights from its state dict. A new run converts the targeted layers once, in
+    `configure_model` (on the training device; rank 0 under DDP, broadcast to the other ranks).
     """
 
     def __init__(
@@ -150,11 +150,16 @@ class StructuredModule(L.LightningModule):
             self.model.load_state_dict(state)
             self.structured = True
 
+    def structure_from(self, ckpt_path: str) -> None:
+        """Take the structure of a checkpoint about to be resumed, so that `configure_model` (which
+        Lightning calls before restoring) does not convert: the weights come from the checkpoint."""
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        self.on_load_checkpoint(saved)
+
     def configure_model(self) -> None:
-        # Lightning has selected the checkpoint to restore by now (and `load_from_checkpoint` calls this
-        # without a trainer): restoring rebuilds the structure from it, so only a new run converts.
+        # `load_from_checkpoint` calls this without a trainer; it rebuilds the structure itself
         trainer = self._trainer
-        if not self.structured and trainer is not None and not trainer.ckpt_path:
+        if not self.structured and trainer is not None:
             self.model.to(self.trainer.strategy.root_device)  # the fit runs on the GPU when there is one
             self._convert_on_rank_zero()
         if self.compile_model and not getattr(self, "_compiled", False):
