@@ -1,4 +1,4 @@
-"""Layer-level efficiency benchmark (methods.md §6): gblr training step and svd/gblr inference forms
+"""Layer-level efficiency benchmark (docs/methods.md §6): gblr training step and svd/gblr inference forms
 against nn.Linear, and the stored size of tsvd's packed export.
 
     python scripts/bench_layers.py                       # GPU: 128×197 tokens, bf16 autocast

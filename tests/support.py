@@ -83,7 +83,6 @@ def fused_vs_composed_gblr(layer, x, grad_y) -> dict[str, tuple]:
     return dict(zip(["y", "x", *dict(layer.named_parameters())], zip(*runs, strict=True), strict=True))
 
 
-
 class AugmentationProbe(L.Callback):
     """For run.py subprocesses (`+callbacks.probe._target_=support.AugmentationProbe`, PYTHONPATH=tests):
     at train start, augment one fixed batch through the datamodule as training does and write which

@@ -169,7 +169,9 @@ def cost_rows(module: StructuredModule, inputs: Any) -> dict[str, Any]:
     return rows
 
 
-def summarize(cfg, module, datamodule, trainer, results, tested: dict[str, str], wall: float) -> dict[str, Any]:
+def summarize(
+    cfg, module, datamodule, trainer, results, tested: dict[str, str], wall: float
+) -> dict[str, Any]:
     speed = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     loggers = {

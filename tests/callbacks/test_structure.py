@@ -140,11 +140,11 @@ def test_budget_reads_nothing_back_per_step(monkeypatch) -> None:
 def test_projection_runs_once_per_optimizer_step(
     accumulate, every, batches, steps, projections, monkeypatch
 ) -> None:
-    import structlab.callbacks.structure as structure
+    import structlab.layers.gblr_fit as gblr_fit
 
     calls: list[int] = []
-    real = structure.project_widths
-    monkeypatch.setattr(structure, "project_widths", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = gblr_fit.project_widths  # what GBLRBudget's WidthProjection calls on the CPU
+    monkeypatch.setattr(gblr_fit, "project_widths", lambda *a, **k: calls.append(1) or real(*a, **k))
     cb = GBLRBudget(budget=0.25, every_n_steps=every)
     t = fit(
         module({"name": "gblr", "budget": 0.5}), [cb], batches=batches, accumulate_grad_batches=accumulate

@@ -1,4 +1,4 @@
-"""Ternary SVD (methods.md §4): ternary factors, exact tolerance, and fewer non-zeros than the authors'
+"""Ternary SVD (docs/methods.md §4): ternary factors, exact tolerance, and fewer non-zeros than the authors'
 algorithm on its own reference matrices (tests/fixtures/tsvd_reference_seed0.pt)."""
 
 from __future__ import annotations

@@ -282,6 +282,34 @@ def test_budget_and_mean_width_match_the_layers() -> None:
 
 
 @pytest.mark.gpu
+def test_projection_replayed_as_a_cuda_graph_equals_the_eager_one() -> None:
+    """WidthProjection captures the projection once and replays it: after every replay the widths and
+    live masks equal an eager projection of the same (moved) widths, also when the budget changes."""
+    from structlab.layers.gblr_fit import WidthProjection
+
+    torch.manual_seed(0)
+    eager = [
+        randomise(make_layer("gblr", 768, 3072), 0, 0.9).cuda(),
+        randomise(make_layer("gblr", 768, 768, rank=2, components=100), 1, 0.9).cuda(),
+    ]
+    graphed = copy.deepcopy(eager)
+    projection = WidthProjection(graphed)
+    for step, budget in enumerate((0.3, 0.3, 0.2, 0.2)):
+        with torch.no_grad():  # an optimizer step moves the widths in place
+            for a, b in zip(eager, graphed, strict=True):
+                noise = torch.rand_like(a.widths) * 0.2 * step
+                a.widths.add_(noise)
+                b.widths.add_(noise)
+        project_widths(eager, budget, 0.01)
+        projection(budget, 0.01)
+        for a, b in zip(eager, graphed, strict=True):
+            live_a, live_b = a._live_columns(), b._live_columns()
+            assert torch.equal(a.widths, b.widths)
+            assert (live_a is None and live_b is None) or torch.equal(live_a, live_b)
+    assert projection.graph is not None
+
+
+@pytest.mark.gpu
 def test_projection_does_not_sync_on_cuda() -> None:
     """The budget projection (what GBLRBudget runs after every optimizer step) and the live masks
     launch kernels only: under CUDA's sync debug mode "error" a host synchronisation raises. Same

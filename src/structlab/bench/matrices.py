@@ -6,7 +6,7 @@ import torch
 
 
 def tsvd_reference_matrices(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The two matrices of `reference/tsvd/tsvd_reference_seed0.pt`, rebuilt exactly as methods.md §4
+    """The two matrices of `tests/fixtures/tsvd_reference_seed0.pt` (the TSVD authors' reference output), rebuilt exactly as docs/methods.md §4
     prescribes (same generator, same order of draws): a 256×512 Gaussian and a 384×768 matrix with
     power-law singular values plus noise."""
     g = torch.Generator().manual_seed(seed)

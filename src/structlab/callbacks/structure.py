@@ -1,5 +1,5 @@
 """Training-time control of the layers' structure: the gblr MAC budget, the Gaudi σ schedule and
-the re-decomposition of quantisation-aware tsvd layers (methods.md §4–5).
+the re-decomposition of quantisation-aware tsvd layers (docs/methods.md §4–5).
 
 All three act right after an optimizer step. Lightning has no callback hook for that moment, so
 they watch `trainer.global_step` in `on_train_batch_end`: it advances exactly once per optimizer
@@ -17,8 +17,8 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from structlab.layers.gblr import GaudiGBLRLinear, project_widths
-from structlab.layers.gblr_fit import budget_and_mean_width, floor_fraction
+from structlab.layers.gblr import GaudiGBLRLinear
+from structlab.layers.gblr_fit import WidthProjection, budget_and_mean_width, floor_fraction
 from structlab.layers.tsvd import TernaryLinear
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class GBLRBudget(_AfterOptimizerStep):
     After every `every_n_steps`-th optimizer step (and once at train start and at train end) all
     widths are projected exactly onto {w ∈ [min_width, 1] : Σ MACs ≤ budget · Σ dense MACs} with
     `project_widths` (float64 on the parameters' device, deterministic: the same λ on every rank, and
-    no host sync per step). `budget=None` takes the layers' own budgets (their dense-MAC-weighted
+    no host sync per step; replayed as one CUDA graph on a GPU). `budget=None` takes the layers' own budgets (their dense-MAC-weighted
     mean); `min_width=None` the largest of the layers' own `min_width`. Logs the achieved budget and
     the mean width once per epoch (one device-to-host transfer).
     """
@@ -101,6 +101,7 @@ class GBLRBudget(_AfterOptimizerStep):
         self.projections = 0
         self._projected_at: int | None = None
         self._checked: tuple[float, float] | None = None  # (floor, target) last checked for reachability
+        self._projection: WidthProjection | None = None
 
     def find_layers(self, pl_module: L.LightningModule) -> list[Any]:
         return _layers_of(pl_module, GaudiGBLRLinear)
@@ -118,7 +119,9 @@ class GBLRBudget(_AfterOptimizerStep):
 
     def project(self, trainer: L.Trainer) -> None:
         floor, target = self.floor(), self.target()
-        project_widths(self.layers, target, floor)
+        if self._projection is None or self._projection.layers != self.layers:
+            self._projection = WidthProjection(self.layers)
+        self._projection(target, floor)
         self.projections += 1
         self._projected_at = trainer.global_step
         if (floor, target) == self._checked:
@@ -241,7 +244,7 @@ class SigmaAnneal(_AfterOptimizerStep):
 
 class TernaryRequantize(_AfterOptimizerStep):
     """Re-decompose the latent weight of every quantisation-aware tsvd layer (`qat=True`) after every
-    `every_n_steps`-th optimizer step, as QAT needs (methods.md §4); post-training tsvd layers are
+    `every_n_steps`-th optimizer step, as QAT needs (docs/methods.md §4); post-training tsvd layers are
     left alone. Under DDP with `broadcast` rank 0 decomposes and sends the factors to the other
     ranks, so their ranks and patterns cannot diverge whatever the decomposition's numerics. Logs
     the mean rank (`structure/tsvd_rank`) and the achieved budget (`structure/tsvd_budget`).

@@ -1,4 +1,4 @@
-"""Ternary SVD: W ≈ U diag(s) V with U, V ∈ {−1, 0, +1} (methods.md §4).
+"""Ternary SVD: W ≈ U diag(s) V with U, V ∈ {−1, 0, +1} (docs/methods.md §4).
 
 The authors' greedy algorithm, vectorised: take the top `stride` singular pairs of the residual,
 ternarise them, refit all scales jointly by least squares, repeat. Two changes make it cheaper at

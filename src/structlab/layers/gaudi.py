@@ -1,4 +1,4 @@
-"""Gaudi masks (methods.md §5): soft boxes on one axis, and their analytic gradient.
+"""Gaudi masks (docs/methods.md §5): soft boxes on one axis, and their analytic gradient.
 
 Kept apart from the layer because it is pure signal math: a mask is the inverse real FFT of a
 sinc spectrum (with an optional Gaussian smoothing), and its gradient in the width and location

@@ -1,4 +1,4 @@
-"""gblr: Gaudi-GBLR layer W = Σ_k diag(m_k^out) U_k V_kᵀ diag(m_k^in) (methods.md §5).
+"""gblr: Gaudi-GBLR layer W = Σ_k diag(m_k^out) U_k V_kᵀ diag(m_k^in) (docs/methods.md §5).
 
 Each of K components is a rank-r block whose rows and columns are soft boxes (Gaudi masks) with a
 learnable width and location per axis. Training forward: the masked factors Ũ = U ⊙ M_out (m×Kr),

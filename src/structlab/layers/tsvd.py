@@ -1,4 +1,4 @@
-"""tsvd: ternary SVD layer W = U diag(s) V with U, V ∈ {−1, 0, +1} (methods.md §4).
+"""tsvd: ternary SVD layer W = U diag(s) V with U, V ∈ {−1, 0, +1} (docs/methods.md §4).
 
 Two modes. Post-training (default): the ternary factors are fixed int8 buffers, only the scales s
 (and the bias) train. Quantisation-aware (`qat=True`): a latent dense `weight` trains; the forward

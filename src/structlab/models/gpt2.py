@@ -11,7 +11,12 @@ from structlab.models.registry import register_model
 
 @register_model("gpt2_tiny")
 def gpt2_tiny(
-    vocab_size: int = 256, n_positions: int = 64, n_embd: int = 64, n_layer: int = 2, n_head: int = 2, **kw: Any
+    vocab_size: int = 256,
+    n_positions: int = 64,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 2,
+    **kw: Any,
 ) -> nn.Module:
     """A randomly initialised GPT-2 small enough for CPU tests (offline: no weights to fetch)."""
     from transformers import GPT2Config, GPT2LMHeadModel

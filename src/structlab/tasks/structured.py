@@ -130,7 +130,9 @@ class StructuredModule(L.LightningModule):
             replaced = replace_layers(self.model, name, self.targets, self.exclude, progress=True, **cfg)
             self.conversions += 1
             after = sum(p.numel() for p in self.model.parameters())
-            log.info("%d layers are now %s: %s parameters → %s", len(replaced), name, f"{before:,}", f"{after:,}")
+            log.info(
+                "%d layers are now %s: %s parameters → %s", len(replaced), name, f"{before:,}", f"{after:,}"
+            )
         self.structured = True
 
     def _convert_on_rank_zero(self) -> None:
@@ -196,7 +198,9 @@ class StructuredModule(L.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         # estimated_stepping_batches has loaded the train loader, so its length is known here
-        per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        per_epoch = max(
+            1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        )
         s = self.scheduler_cfg
         schedule = warmup_cosine(
             optimizer,
