@@ -62,7 +62,11 @@ def _columns(specs: tuple[tuple[int, int, int, int, bool], ...], device: torch.d
     """The constants, built once per set of layer shapes: a per-step host-to-device copy would sync."""
     full = [torch.full((k,), float(v), dtype=torch.float64) for m, n, r, k, _ in specs for v in (m, n, r)]
     m, n, r = (torch.cat(full[i::3]) for i in range(3))
-    bits = max(1, min(8, (_SEARCH_ELEMENTS // (2 * m.numel())).bit_length() - 1))  # log2 of the points
+    # log2 of the search points per round: a GPU evaluates many at once for the cost of one (fewer
+    # rounds, fewer launches); a CPU pays for each, so there 4 points (32 rounds) do the least work
+    bits = (
+        max(1, min(8, (_SEARCH_ELEMENTS // (2 * m.numel())).bit_length() - 1)) if device.type == "cuda" else 2
+    )
     rounding = torch.cat([torch.full((k,), rnd) for *_, k, rnd in specs])
     with torch.inference_mode(False):  # cached: may be built inside inference mode, used outside
 
