@@ -3,12 +3,12 @@
 # 256) trained through run.py with the default callbacks, with and without GBLRBudget (the width
 # projection after every optimizer step), in one process tree on one GPU; then the time of converting
 # all 48 layers from dense (init=dense). Figures go to docs/benchmarks.md.
-#   bash scripts/bench_gblr_budget.sh [steps]
+#   bash scripts/bench_gblr_budget.sh [steps] [runs: with_budget without_budget convert]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-60}
 PY=${PYTHON:-python3}
-LOGS=$(mktemp -d)
+LOGS=${LOGS:-$(mktemp -d)}
 nvidia-smi --query-gpu=name --format=csv,noheader
 run() {  # $1: name, rest: overrides
   local name=$1; shift
@@ -20,7 +20,11 @@ run() {  # $1: name, rest: overrides
   $PY -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[2], s['speed']['train samples/s'], 'img/s', s['cost']['budget (structured MACs / dense)'])" \
     "$LOGS/runs/$name/summary.json" "$name"
 }
-run with_budget
-run without_budget callbacks.gblr_budget=null
-run with_budget_again
-$PY scripts/bench_gblr_convert.py
+shift || true
+for what in ${@:-with_budget without_budget convert}; do
+  case $what in
+    with_budget*) run "$what" ;;
+    without_budget*) run "$what" callbacks.gblr_budget=null ;;
+    convert) $PY scripts/bench_gblr_convert.py ;;
+  esac
+done
