@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from support import CONFIGS, compose_train
@@ -60,6 +62,8 @@ def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, im
         overrides += ["task.data.img_size=224", "task.data.steps_per_epoch=1", "task.data.eval_steps=1"]
     summary = run(compose_train(*overrides, output_dir=tmp_path))
     assert summary["speed"]["epochs / steps"].endswith("/ 1")  # exactly one optimizer step
+    if cfg.task.name in ("fashion_mnist", "cifar10", "cifar100", "imagenet"):
+        assert summary["run"]["validation"].startswith("held out from train")
     metric = cfg.task.metric.name
     assert {f"test/{metric}", "test/loss"} <= set(summary["test"])
     assert summary["test"]["test/loss"] > 0 and summary["cost"]["MACs per sample: as trained"] > 0
@@ -111,3 +115,36 @@ def test_unknown_group_option_lists_the_valid_ones():
         compose_train("task=imagenett")
     text = str(err.value) + str(err.value.__cause__)
     assert "fashion_mnist" in text and "cifar10" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("val_size, tested", [(3, "best val/acc (max)"), (0, "last (validation ran on")])
+def test_cifar_selects_on_a_held_out_split_or_tests_the_last_checkpoint(
+    val_size, tested, tmp_path, cifar_dir
+):
+    """With a held-out split the best checkpoint by val/acc is tested; validating on the test split
+    (val_size=0) tests the last checkpoint instead, and the summary says which."""
+    cfg = compose_train(
+        "experiment=cifar10/vit_s4-dense",
+        "model=vit_fmnist",
+        "+model.img_size=32",
+        "+model.in_chans=3",
+        "debug=limit",
+        "trainer=cpu",
+        "global_batch_size=null",
+        "task.data.batch_size=4",
+        "task.data.num_workers=0",
+        "task.data.download=false",
+        f"task.data.val_size={val_size}",
+        f"paths.data_dir={cifar_dir}",
+        "logger=csv",
+        "print_config=false",
+        "trainer.enable_progress_bar=false",
+        output_dir=tmp_path,
+    )
+    summary = run(cfg)
+    assert summary["run"]["tested checkpoint"].startswith(tested)
+    expected = "held out from train (3 images)" if val_size else "test split"
+    assert summary["run"]["validation"] == expected
+    checkpoint = summary["outputs"]["checkpoint"]
+    assert checkpoint.endswith("last.ckpt") == (val_size == 0) and Path(checkpoint).is_file()
