@@ -21,16 +21,19 @@ log = logging.getLogger("structlab")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from structlab.runlock import RunLockedError
     from structlab.train import run  # heavy imports after Hydra has parsed the command line
 
     try:
         summary = run(cfg)
+    except RunLockedError:  # another job's run: say so on stderr, write nothing into its folder
+        raise
     except Exception:
         log.exception("run failed; outputs so far are in %s", cfg.paths.output_dir)
         raise
     finally:
         _finish_wandb()
-        print(f"outputs: {cfg.paths.output_dir}")
+    print(f"outputs: {cfg.paths.output_dir}")
     return summary["test"].get(f"test/{cfg.task.metric.name}")  # the value Hydra sweepers optimise
 
 

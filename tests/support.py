@@ -111,3 +111,12 @@ class FailOnceSaved(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if (Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt").exists():
             checkpoint["bad"] = _Unpicklable()
+
+
+class LockProbe(L.Callback):
+    """Writes <run dir>/lock_rank<r>.json at train start: this rank's pid and the run lock's holder."""
+
+    def on_train_start(self, trainer, pl_module):
+        root = Path(trainer.default_root_dir)
+        holder = json.loads((root / "run.lock").read_text())
+        (root / f"lock_rank{trainer.global_rank}.json").write_text(json.dumps([os.getpid(), holder["pid"]]))

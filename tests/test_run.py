@@ -151,11 +151,18 @@ def test_ddp_on_two_cpu_processes(fmnist_dir, tmp_path):
         "trainer.max_epochs=3",
         "task.data.batch_size=32",
         "+callbacks.probe._target_=support.AugmentationProbe",
+        "+callbacks.lock._target_=support.LockProbe",
         env={"PYTHONPATH": str(ROOT / "tests")},
     )
     ok(result)
     out = result.stdout + result.stderr
     assert "parameters identical on all 2 ranks" in out
+    # one job, one lock: both ranks ran under rank 0's lock, given back at the end
+    run_dir = tmp_path / "runs" / "ddp"
+    (pid0, holder0), (pid1, holder1) = (
+        json.loads((run_dir / f"lock_rank{r}.json").read_text()) for r in (0, 1)
+    )
+    assert holder0 == holder1 == pid0 != pid1 and not (run_dir / "run.lock").exists()
     flips = [json.loads((tmp_path / "runs" / "ddp" / f"augment_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(0 < sum(f) < 64 for f in flips) and flips[0] != flips[1]
     losses = column(metrics(tmp_path / "runs" / "ddp"), "train/loss_epoch")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from structlab.budget import macs_per_sample, model_cost
 from structlab.callbacks import SpeedMonitor, WholeGlobalBatches
 from structlab.config import batch_plan, print_config, save_config, world_size
+from structlab.runlock import RunLock
 from structlab.summary import write_summary
 from structlab.tasks.structured import StructuredModule, take
 
@@ -89,8 +91,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
     if cfg.mode == "eval" and not cfg.get("ckpt_path"):
         raise ValueError("mode=eval needs ckpt_path=<path to a .ckpt>")
-    start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
+    # global rank 0 holds the run directory for the whole job (the other ranks are part of it)
+    lock = RunLock(output_dir, force=cfg.get("force", False)) if rank_zero_only.rank == 0 else nullcontext()
+    with lock:
+        return _run(cfg, output_dir)
+
+
+def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    start = time.perf_counter()
     if rank_zero_only.rank == 0:
         if cfg.get("print_config", True):
             print_config(cfg)
