@@ -6,6 +6,7 @@ from structlab.data.fashion_mnist import FashionMNISTDataModule
 from structlab.data.imagenet import ImageNetDataModule
 from structlab.data.synthetic import SyntheticImageDataModule
 from structlab.data.synthetic_text import SyntheticTextDataModule
+from structlab.data.text import TextDataModule
 
 __all__ = [
     "CIFARDataModule",
@@ -15,4 +16,5 @@ __all__ = [
     "MissingDatasetError",
     "SyntheticImageDataModule",
     "SyntheticTextDataModule",
+    "TextDataModule",
 ]

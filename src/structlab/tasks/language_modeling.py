@@ -27,6 +27,15 @@ class LanguageModelingModule(StructuredModule):
         self.save_hyperparameters()
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
 
+    def setup(self, stage: str) -> None:
+        tokens = getattr(self.trainer.datamodule, "vocab_size", None)
+        model = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if tokens is not None and model is not None and tokens > model:
+            raise ValueError(
+                f"the tokenizer has {tokens} tokens but the model's vocabulary {model}: "
+                f"set model.vocab_size={tokens} (or a tokenizer with fewer tokens)"
+            )
+
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
