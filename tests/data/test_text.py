@@ -28,6 +28,14 @@ def corpus(tmp_path):
     return [str(a), str(b)]
 
 
+def files_module(corpus: list[str], tmp_path, tokenizer: str = "bpe", **kw) -> TextDataModule:
+    """The corpus fixture as `corpus=files`, a 300-token BPE, 16-token windows, cached under tmp_path."""
+    return TextDataModule(
+        corpus="files", files=corpus, tokenizer=tokenizer, vocab_size=300, block_size=16,
+        cache_dir=str(tmp_path / "cache"), **kw,
+    )  # fmt: skip
+
+
 def test_split_is_contiguous_at_line_breaks_and_checked():
     text = "".join(f"line {i:02d}\n" for i in range(100))  # 8 characters a line
     parts = split_text(text, 0.1, 0.2)
@@ -40,15 +48,7 @@ def test_split_is_contiguous_at_line_breaks_and_checked():
 
 
 def test_bpe_tokens_are_cached_and_packed_into_windows(corpus, tmp_path):
-    dm = TextDataModule(
-        corpus="files",
-        files=corpus,
-        tokenizer="bpe",
-        vocab_size=300,
-        block_size=16,
-        batch_size=4,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    dm = files_module(corpus, tmp_path, batch_size=4)
     dm.prepare_data()
     dm.setup()
     assert dm.tokenizer_used.startswith("byte-level BPE") and dm.vocab_size == 300
@@ -66,14 +66,7 @@ def test_bpe_tokens_are_cached_and_packed_into_windows(corpus, tmp_path):
     assert np.array_equal(joined, dm.tokens["test"][: len(joined)].astype(np.int64))
     assert len(dm.tokens["test"]) - len(joined) < 16
     cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    again = TextDataModule(
-        corpus="files",
-        files=corpus,
-        tokenizer="bpe",
-        vocab_size=300,
-        block_size=16,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    again = files_module(corpus, tmp_path)
     again.setup()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cache  # read back, not retrained
     assert all(np.array_equal(again.tokens[s], dm.tokens[s]) for s in ("train", "val", "test"))
@@ -90,14 +83,7 @@ def test_gpt2_tokenizer_falls_back_to_bpe_offline(corpus, tmp_path, monkeypatch,
         pytest.skip("GPT-2's tokenizer is cached here: no fallback to test")
     except OSError:
         pass
-    dm = TextDataModule(
-        corpus="files",
-        files=corpus,
-        tokenizer="gpt2",
-        vocab_size=300,
-        block_size=16,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    dm = files_module(corpus, tmp_path, tokenizer="gpt2")
     with caplog.at_level("WARNING"):
         dm.setup()
     assert dm.tokenizer_used.startswith("byte-level BPE") and "training a byte-level BPE" in caplog.text
@@ -119,15 +105,7 @@ def test_wikitext_raw_layout_and_a_clear_error_when_absent(tmp_path):
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_an_error(corpus, tmp_path):
-    dm = TextDataModule(
-        corpus="files",
-        files=corpus,
-        tokenizer="bpe",
-        vocab_size=300,
-        block_size=16,
-        batch_size=4,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    dm = files_module(corpus, tmp_path, batch_size=4)
     small = LanguageModelingModule(model={"name": "gpt2_tiny", "vocab_size": 256})
     trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="300 tokens.*256.*model.vocab_size=300"):

@@ -3,11 +3,10 @@ language-model path without a corpus."""
 
 from __future__ import annotations
 
-import math
-
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from structlab.data.text import TokenDataModule
 
 
 class TokenSequences(Dataset):
@@ -31,11 +30,9 @@ class TokenSequences(Dataset):
         return {"input_ids": self.tokens[i]}
 
 
-class SyntheticTextDataModule(L.LightningDataModule):
+class SyntheticTextDataModule(TokenDataModule):
     """Train / validation / test splits of `TokenSequences` with disjoint seeds; batches are
     {"input_ids": (batch, seq_len)}. `batch_size` is per device."""
-
-    validation_split = "its own split"
 
     def __init__(
         self,
@@ -47,28 +44,10 @@ class SyntheticTextDataModule(L.LightningDataModule):
         batch_size: int = 16,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
+        super().__init__(batch_size)
+        self.vocab_size, self.seq_len = vocab_size, seq_len
         self.sizes, self.seed = {"train": train_size, "val": val_size, "test": test_size}, seed
-        self.splits: dict[str, TokenSequences] = {}
 
     def setup(self, stage: str | None = None) -> None:
         for i, (name, count) in enumerate(self.sizes.items()):
             self.splits.setdefault(name, TokenSequences(count, self.seq_len, self.vocab_size, self.seed + i))
-
-    def _loader(self, split: str) -> DataLoader:
-        train = split == "train"
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=train, drop_last=train)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def train_batches_per_device(self, world: int) -> int | None:
-        """Full batches per process and epoch (DistributedSampler pads to a multiple of `world`)."""
-        return math.ceil(self.sizes["train"] / world) // self.batch_size

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -62,11 +63,47 @@ class TokenWindows(Dataset):
         return {"input_ids": torch.from_numpy(window.astype(np.int64))}
 
 
-class TextDataModule(L.LightningDataModule):
-    """corpus: "wikitext-103", "wikitext-2" (raw files under `data_dir`) or "files" (`files`, read in
-    the given order and split by `val_fraction` / `test_fraction`). Batches: {"input_ids": (B, T)}."""
+class TokenDataModule(L.LightningDataModule):
+    """Loaders over `self.splits` ({"train", "val", "test"} → dataset of dict samples), filled by a
+    subclass's `setup`; `batch_size` is per device."""
 
     validation_split = "its own split"
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.splits: dict[str, Dataset] = {}
+
+    def _loader(self, split: str) -> DataLoader:
+        train = split == "train"
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def train_batches_per_device(self, world: int) -> int | None:
+        """Full batches per process and epoch (DistributedSampler pads to a multiple of `world`)."""
+        if "train" not in self.splits:
+            return None
+        return math.ceil(len(self.splits["train"]) / world) // self.batch_size
+
+
+class TextDataModule(TokenDataModule):
+    """corpus: "wikitext-103", "wikitext-2" (raw files under `data_dir`) or "files" (`files`, read in
+    the given order and split by `val_fraction` / `test_fraction`). Batches: {"input_ids": (B, T)}."""
 
     def __init__(
         self,
@@ -83,7 +120,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         if corpus not in (*WIKITEXT, "files"):
             raise ValueError(f"unknown corpus {corpus!r}; valid corpora: {', '.join([*WIKITEXT, 'files'])}")
         if corpus == "files" and not files:
@@ -92,8 +129,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"unknown tokenizer {tokenizer!r}; valid tokenizers: gpt2, bpe")
         self.data_dir, self.corpus, self.files = Path(data_dir).expanduser(), corpus, list(files or [])
         self.tokenizer_name, self.bpe_vocab_size, self.block_size = tokenizer, vocab_size, block_size
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.fractions, self.num_workers = (val_fraction, test_fraction), num_workers
+        self.fractions = (val_fraction, test_fraction)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.data_dir / "token_cache"
         self.tokens: dict[str, np.ndarray] = {}
         self.vocab_size: int | None = None
@@ -184,30 +220,4 @@ class TextDataModule(L.LightningDataModule):
                     f"the {split} split has {len(self.tokens[split])} tokens, fewer than one window of "
                     f"task.data.block_size={self.block_size}: use more text or a smaller block_size"
                 )
-
-    # --- loaders ---------------------------------------------------------------------------------------
-    def _loader(self, split: str) -> DataLoader:
-        train = split == "train"
-        return DataLoader(
-            TokenWindows(self.tokens[split], self.block_size),
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def train_batches_per_device(self, world: int) -> int | None:
-        """Full batches per process and epoch (DistributedSampler pads to a multiple of `world`)."""
-        if not self.tokens:
-            return None
-        windows = len(self.tokens["train"]) // self.block_size
-        return -(-windows // world) // self.batch_size
+            self.splits[split] = TokenWindows(self.tokens[split], self.block_size)
