@@ -14,9 +14,9 @@ from structlab.layers import LAYERS, StructuredLinear
 from structlab.surgery import (
     export_model,
     find_targets,
-    load_structured,
+    load_compressed,
     replace_layers,
-    save_structured,
+    save_compressed,
 )
 
 VIT_TARGETS = ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"]
@@ -135,13 +135,13 @@ def test_structure_round_trip(kind: str, tmp_path: Path) -> None:
     model, x = build(), inputs()
     replace_layers(model, "svd", targets[:2], budget=0.3)
     replace_layers(model, "dense", targets[2:])
-    save_structured(model, tmp_path)
+    save_compressed(model, tmp_path)
     spec = json.loads((tmp_path / "structure.json").read_text())
     assert len(spec) == 8 and {s["layer"] for s in spec.values()} == {"svd", "dense"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "structure.json"]
 
     torch.manual_seed(123)  # the fresh model's own weights must not matter
-    fresh = load_structured(build(), tmp_path)
+    fresh = load_compressed(build(), tmp_path)
     with torch.no_grad():
         assert torch.equal(run(fresh.eval(), x), run(model, x))
     assert {n: type(m) for n, m in fresh.named_modules()} == {n: type(m) for n, m in model.named_modules()}

@@ -66,6 +66,62 @@ def rank_from_ratio(m: int, n: int, ratio: float, multiple: int = 8) -> int:
     return rank_from_budget(m, n, budget_from_ratio(ratio), multiple)
 
 
+def allocate_ranks(
+    shapes: Mapping[str, tuple[int, int]],
+    energies: Mapping[str, torch.Tensor],
+    budget: float,
+    multiple: int = 8,
+) -> dict[str, int | None]:
+    """Ranks for low-rank layers under one global budget: Σ cost ≤ β·Σ mn over all layers, where a
+    rank-k layer costs k(m+n) and a layer kept dense (None) costs mn.
+
+    `energies[name]` are the squared singular values (descending) of what truncating that layer
+    loses — σ²(W) for plain SVD, σ²(WS) with SSᵀ = XᵀX for whitened — so layer ℓ at rank k loses
+    L_ℓ(k) = Σ_{i>k} e_i / Σ_i e_i, the fraction of its output energy (0 when dense). Each layer's
+    options are steps of `multiple` ranks, the last one "dense" (it gains the whole tail for the cost
+    up to mn); steps whose gain per parameter would rise are merged (the upper concave hull), so taking
+    steps by the largest gain per parameter first is optimal for Σ_ℓ L_ℓ up to the last step taken.
+    Every layer gets at least one step.
+    """
+    check_budget(budget, "budget")
+    if multiple < 1:
+        raise ValueError(f"multiple must be ≥ 1, got {multiple}")
+    left = budget * sum(m * n for m, n in shapes.values())
+    ranks: dict[str, int | None] = {}
+    steps: list[tuple[float, int, str, int | None]] = []  # (gain per parameter, cost, layer, rank reached)
+    for name, (m, n) in shapes.items():
+        cap = max(1, min(m, n, m * n // (m + n)))  # from here on the dense layer is cheaper
+        step = min(multiple, cap)
+        e = energies[name].detach().double().cpu().clamp_min(0)
+        total = float(e.sum()) or 1.0
+        ranks[name] = step
+        left -= step * (m + n)
+        hull: list[list] = []  # [gain, cost, rank reached]
+        for k in range(2 * step, cap // step * step + 1, step):
+            hull.append([float(e[k - step : k].sum()) / total, step * (m + n), k])
+        done = hull[-1][2] if hull else step
+        hull.append([float(e[done:].sum()) / total, m * n - done * (m + n), None])  # dense
+        merged: list[list] = []
+        for item in hull:
+            merged.append(item)
+            while len(merged) > 1 and merged[-2][0] * merged[-1][1] <= merged[-1][0] * merged[-2][1]:
+                last = merged.pop()
+                merged[-1] = [merged[-1][0] + last[0], merged[-1][1] + last[1], last[2]]
+        steps += [(g / max(c, 1), c, name, k) for g, c, k in merged if c > 0 or k is None]
+    if left < 0:
+        raise ValueError(f"budget {budget} is below one rank step per layer: raise it or lower multiple")
+    taken: set[str] = set()  # a layer that skipped a step takes no later one (prefixes only)
+    for _, cost, name, k in sorted(steps, key=lambda t: -t[0]):
+        if name in taken:
+            continue
+        if cost <= left:
+            left -= cost
+            ranks[name] = k
+        else:
+            taken.add(name)
+    return ranks
+
+
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a module that computes a linear map per token, else None. Reads no weights."""
     from structlab.layers.base import StructuredLinear

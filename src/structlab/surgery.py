@@ -166,27 +166,57 @@ def save_structure(model: nn.Module, directory: str | Path) -> Path:
 
 
 WEIGHTS_FILE = "model.safetensors"
+COMPRESSION_FILE = "compression.json"
 
 
-def save_structured(model: nn.Module, directory: str | Path) -> Path:
-    """structure.json + model.safetensors: everything that rebuilds the structured model from its
-    architecture (`load_structured`); tied tensors are stored once."""
+def save_compressed(model: nn.Module, directory: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """structure.json + model.safetensors (+ compression.json with `info`, e.g. a compression report
+    and {"quantize": "int8"}): everything that rebuilds the structured model from its architecture
+    (`load_compressed`), without training code. Tied tensors are stored once. Each file is written
+    to a temporary name first, so a failure leaves no half-written file."""
     from safetensors.torch import save_model
 
+    if any(type(t) is not torch.Tensor and type(t) is not nn.Parameter for t in model.state_dict().values()):
+        raise TypeError(
+            "the model holds tensor subclasses (a quantised model?) that safetensors cannot store: save it "
+            "before quantising and pass info={'quantize': scheme}; load_compressed quantises again"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_structure(model, directory)
-    save_model(model, str(directory / WEIGHTS_FILE))
+    files = {WEIGHTS_FILE: None, STRUCTURE_FILE: model_structure(model)}
+    if info is not None:
+        files[COMPRESSION_FILE] = info
+    for name, content in files.items():
+        tmp = directory / f".{name}.tmp"
+        if content is None:
+            save_model(model, str(tmp))
+        else:
+            tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
+    for name in files:
+        (directory / f".{name}.tmp").replace(directory / name)
     return directory
 
 
-def load_structured(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Rebuild in place what `save_structured` wrote, into a freshly built `model` of the same
-    architecture: structure first (the layers' shapes), then the weights, strictly."""
+def load_compressed(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Rebuild in place what `save_compressed` wrote, into a freshly built `model` of the same
+    architecture: structure first (the layers' shapes), then the weights, strictly; then the
+    quantisation compression.json names, if any."""
     from safetensors.torch import load_model
 
+    directory = Path(directory)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{directory / WEIGHTS_FILE} does not exist: is {directory} a save_compressed folder?"
+        )
     apply_structure(model, directory)
-    load_model(model, str(Path(directory) / WEIGHTS_FILE), strict=True)
+    load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+    info_file = directory / COMPRESSION_FILE
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if info.get("quantize"):
+        from structlab.compress.quantize import quantize_model
+
+        names = info.get("quantized") or list(json.loads((directory / STRUCTURE_FILE).read_text()))
+        quantize_model(model, info["quantize"], names)
     return model
 
 

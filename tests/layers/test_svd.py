@@ -99,13 +99,13 @@ def test_export_and_state_dict_round_trip(tmp_path: Path) -> None:
 def test_from_dense_methods_need_their_statistics() -> None:
     lin = nn.Linear(32, 32)
     with pytest.raises(ValueError, match="needs gram"):
-        LowRankLinear.from_dense(lin, rank=4, method="whitened")
+        LowRankLinear.from_dense(lin, rank=4, method="whitened_svd")
     with pytest.raises(ValueError, match="needs abs_mean"):
         LowRankLinear.from_dense(lin, rank=4, method="asvd")
     with pytest.raises(ValueError, match="valid methods"):
         LowRankLinear.from_dense(lin, rank=4, method="svd-llm")
     x = torch.randn(100, 32)
-    layer = LowRankLinear.from_dense(lin, rank=32, method="whitened", gram=(x.T @ x).double())
+    layer = LowRankLinear.from_dense(lin, rank=32, method="whitened_svd", gram=(x.T @ x).double())
     with torch.no_grad():
         assert rel(layer.dense_weight(), lin.weight) < 1e-5  # full rank, non-singular G: exact
     layer = LowRankLinear.from_dense(lin, rank=32, method="asvd", abs_mean=x.abs().mean(0))

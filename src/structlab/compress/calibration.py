@@ -1,7 +1,7 @@
 """Calibration statistics of linear-layer inputs, collected by forward hooks while the model runs.
 
 Per module: the Gram matrix G = Σ_t x_t x_tᵀ (float64 accumulation, on the module's device), the
-mean |x| per input feature and the token count. Modules that read the *same input tensor* in a
+mean x and mean |x| per input feature and the token count. Modules that read the *same input tensor* in a
 forward pass (q/k/v of BERT, fc1/gate) share one set of statistics: it is computed once and
 `gram(name)` returns the same tensor for all of them.
 """
@@ -24,6 +24,7 @@ class _Stats:
     def __init__(self, n: int, device: torch.device) -> None:
         self.gram = torch.zeros(n, n, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.tokens = 0
         self.last: weakref.ref[torch.Tensor] | None = None  # the input of the latest call
 
@@ -121,6 +122,7 @@ class CalibrationStats:
             raise ValueError(f"non-finite inputs reached {name}: calibration batches must be finite")
         st.gram += g.to(torch.float64)
         st.abs_sum += xb.abs().sum(0).to(torch.float64)
+        st.sum += xb.sum(0).to(torch.float64)
         st.tokens += feats.shape[0]
         st.last = weakref.ref(x)
 
@@ -142,6 +144,11 @@ class CalibrationStats:
         st = self._get(name)
         return st.abs_sum / max(st.tokens, 1)
 
+    def mean(self, name: str) -> torch.Tensor:
+        """mean_t x_t per input feature (float64)."""
+        st = self._get(name)
+        return st.sum / max(st.tokens, 1)
+
     def tokens(self, name: str) -> int:
         """Number of input vectors seen."""
         return self._get(name).tokens
@@ -152,7 +159,7 @@ class CalibrationStats:
         return self._owner[name]
 
     def groups(self) -> dict[str, list[str]]:
-        """{owner: [modules sharing its statistics]}."""
+        """{owner: [modules sharing its statistics]}, owners in the order they first ran."""
         out: dict[str, list[str]] = {}
         for name, owner in self._owner.items():
             out.setdefault(owner, []).append(name)

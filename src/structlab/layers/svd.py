@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from structlab.budget import rank_from_budget
-from structlab.compress.svd import asvd, plain_svd, whitened_svd
+from structlab.compress.svd import asvd, falor, plain_svd, whitened_svd
 from structlab.layers.base import StructuredLinear, dense_parts
 from structlab.layers.registry import register_layer
 
 DEFAULT_BUDGET = 0.5
-METHODS = ("svd", "whitened", "asvd")
+METHODS = ("svd", "whitened_svd", "asvd", "falor")  # the data-aware ones need calibration statistics
 
 
 def resolve_rank(m: int, n: int, rank: int | None, budget: float | None, rank_multiple: int) -> int:
@@ -79,14 +79,17 @@ class LowRankLinear(StructuredLinear):
         method: str = "svd",
         gram: torch.Tensor | None = None,
         abs_mean: torch.Tensor | None = None,
+        mean: torch.Tensor | None = None,
+        tokens: int = 0,
         alpha: float = 0.5,
         rank_multiple: int = 8,
     ) -> LowRankLinear:
         """Factor a dense layer (nn.Linear, HF Conv1D or any structured layer).
 
-        method "svd": best weight approximation; "whitened": best output approximation on the
+        method "svd": best weight approximation; "whitened_svd": best output approximation on the
         calibration inputs whose Gram matrix is `gram` (SVD-LLM); "asvd": columns scaled by
-        `abs_mean`^alpha (ASVD). See structlab.compress.
+        `abs_mean`^alpha (ASVD); "falor": the top principal directions of the centred outputs (needs
+        `gram`, `mean` and `tokens`; it also moves the bias). See structlab.compress.
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -95,12 +98,18 @@ class LowRankLinear(StructuredLinear):
         m, n = weight.shape
         k = resolve_rank(m, n, rank, budget, rank_multiple)
         w = weight if weight.dtype == torch.float64 else weight.float()
+        if method in ("whitened_svd", "falor") and gram is None:
+            raise ValueError(f"method={method!r} needs gram (see structlab.compress.CalibrationStats)")
         if method == "svd":
             a, b = plain_svd(w, k)
-        elif method == "whitened":
-            if gram is None:
-                raise ValueError("method='whitened' needs gram (see structlab.compress.CalibrationStats)")
+        elif method == "whitened_svd":
             a, b = whitened_svd(w, gram, k)
+        elif method == "falor":
+            if mean is None:
+                raise ValueError(
+                    "method='falor' needs mean and tokens (see structlab.compress.CalibrationStats)"
+                )
+            a, b, bias = falor(w, None if bias is None else bias.detach().float(), gram, mean, tokens, k)
         else:
             if abs_mean is None:
                 raise ValueError("method='asvd' needs abs_mean (see structlab.compress.CalibrationStats)")

@@ -48,15 +48,6 @@ def take(batch: Any, n: int) -> Any:
     return batch
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """model(**inputs) for a dict, model(*inputs) for a tuple, model(inputs) otherwise."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
-
-
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy that runs eagerly: `nn.Module.compile()` keeps a function bound to the original
     module, which deepcopy would share, so the copy would silently run the original."""
