@@ -28,7 +28,7 @@ log = logging.getLogger("structlab")
 # `import lightning` adds its own console handler; Hydra's root handlers (console + run.log) already
 # print its messages, so drop it to avoid every line appearing twice.
 logging.getLogger("lightning").handlers.clear()
-MODES = ("train", "eval")
+MODES = ("train", "eval", "compress")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -113,6 +113,21 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
+    if cfg.mode == "compress":
+        from structlab.compress.mode import compress_run, print_layers
+
+        def costs() -> dict[str, Any]:  # called after a test run has set the datamodule up
+            return cost_rows(module, module.model_inputs(example_batch(datamodule, module)))
+
+        sections, report = compress_run(cfg, datamodule, module, trainer, costs)
+        summary: dict[str, Any] = {}
+        if trainer.is_global_zero:
+            print_layers(report)
+            summary = {"run": run_rows(cfg, datamodule, trainer), **sections}
+            summary["outputs"]["run dir"] = str(output_dir)
+            summary["speed"] = {"total wall time (s)": round(time.perf_counter() - start, 1)}
+            write_summary(summary, output_dir)
+        return summary
     if cfg.mode == "train":
         if ckpt:
             module.structure_from(ckpt)  # resuming rebuilds the structure, never converts again
@@ -178,16 +193,9 @@ def cost_rows(module: StructuredModule, inputs: Any) -> dict[str, Any]:
     return rows
 
 
-def summarize(
-    cfg, module, datamodule, trainer, results, tested: dict[str, str], wall: float
-) -> dict[str, Any]:
-    speed = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    loggers = {
-        type(lg).__name__.replace("Logger", "").lower(): lg.log_dir or lg.save_dir for lg in trainer.loggers
-    }
+def run_rows(cfg: DictConfig, datamodule: Any, trainer: L.Trainer) -> dict[str, Any]:
     per_device, accumulate = datamodule.batch_size, trainer.accumulate_grad_batches
-    run_rows = {
+    return {
         "name": cfg.run_name,
         "mode": cfg.mode,
         "model": cfg.model.name,
@@ -198,9 +206,20 @@ def summarize(
         "global batch": f"{per_device * trainer.world_size * accumulate} = "
         f"{per_device} per device × {trainer.world_size} × {accumulate} accumulated",
     }
+
+
+def summarize(
+    cfg, module, datamodule, trainer, results, tested: dict[str, str], wall: float
+) -> dict[str, Any]:
+    speed = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    loggers = {
+        type(lg).__name__.replace("Logger", "").lower(): lg.log_dir or lg.save_dir for lg in trainer.loggers
+    }
+    rows = run_rows(cfg, datamodule, trainer)
     if hasattr(datamodule, "validation_split"):
-        run_rows["validation"] = datamodule.validation_split
-    run_rows["tested checkpoint"] = tested["which"]
+        rows["validation"] = datamodule.validation_split
+    rows["tested checkpoint"] = tested["which"]
     speed_rows: dict[str, Any] = {}
     if speed is not None and speed.timed_seconds > 0:
         speed_rows["train samples/s"] = round(speed.samples_per_sec(), 1)
@@ -211,7 +230,7 @@ def summarize(
     speed_rows["total wall time (s)"] = round(wall, 1)
     speed_rows["epochs / steps"] = f"{trainer.current_epoch} / {trainer.global_step}"
     return {
-        "run": run_rows,
+        "run": rows,
         "test": metrics,
         "cost": cost_rows(module, module.model_inputs(example_batch(datamodule, module))),
         "speed": speed_rows,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -215,6 +217,13 @@ def budget_and_mean_width(layers: Sequence[GaudiGBLRLinear]) -> tuple[float, flo
 
 
 # --- the fit to a dense weight -------------------------------------------------------------------
+def _share_workers() -> int:
+    """Threads for the share search: one per share where there are cores for it."""
+    return int(os.environ.get("STRUCTLAB_GBLR_INIT_THREADS", 0)) or max(
+        1, min(len(SHARES), os.cpu_count() or 1)
+    )
+
+
 def _bounds(size: int, parts: int) -> list[int]:
     return [round(i * size / parts) for i in range(parts + 1)]
 
@@ -269,44 +278,57 @@ def _greedy(cost: np.ndarray, left: float, limit: int) -> list[int]:
     return taken
 
 
+def _best_for_share(
+    w: torch.Tensor, svd: tuple, share: float, budget: float, r: int, k: int
+) -> tuple[float, int, int, list]:
+    """(relative error², full-width components, grid, block picks) of the best grid for one share."""
+    u, s, vh = svd
+    m, n = w.shape
+    units = budget * m * n / (r * (m + n))
+    total = float(w.square().sum()) or 1.0
+    k1 = min(k, int(share * units + 1e-9), s.numel() // r)
+    resid = w - (u[:, : k1 * r] * s[: k1 * r]) @ vh[: k1 * r]
+    resid2 = float(resid.square().sum())
+    if k1 == k:  # every component is full width: no blocks to place
+        return resid2 / total, k1, 1, []
+    left = budget * m * n - k1 * r * (m + n)
+    best: tuple | None = None
+    for grid in (2, 3, 4, 6, 8, 12, 16):
+        if grid > min(m, n):
+            continue
+        rb, cb = _bounds(m, grid), _bounds(n, grid)
+        gains = _tile_gains(resid, rb, cb, r)
+        # candidates (tile i, tile j, singular group q), tiles row-major, ranked by energy per MAC
+        cands = [(i, j, q) for i in range(grid) for j in range(grid) for q in range(len(gains[i, j]))]
+        gain = np.array([g for i in range(grid) for j in range(grid) for g in gains[i, j]])
+        cost = np.array([r * (rb[i + 1] - rb[i] + cb[j + 1] - cb[j]) for i, j, _ in cands])
+        order = np.argsort(-(gain / cost), kind="stable")
+        taken = order[_greedy(cost[order], left, k - k1)]
+        gained = 0.0
+        for g in gain[taken].tolist():  # summed in pick order, as one at a time
+            gained += g
+        err2 = max(0.0, resid2 - gained) / total
+        if best is None or err2 < best[0]:
+            best = (err2, k1, grid, [cands[t] for t in taken.tolist()])
+    return best if best is not None else (resid2 / total, k1, 1, [])
+
+
+SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
 @torch.no_grad()
 def _block_init(layer: GaudiGBLRLinear, w: torch.Tensor, budget: float) -> float:
     """Deterministic structure for `w` at `budget`: a share of the budget to the top singular
     directions (full-width components), the rest greedily to the best rank-r blocks of the residual on
     a g×g tile grid (largest captured energy per MAC first). Tries shares 1, ¾, ½, ¼, 0 and several
     grids, installs the best; share 1 is the truncated SVD, so this never loses to plain low rank.
-    Returns the relative Frobenius error."""
+    The shares are searched in parallel threads (LAPACK releases the GIL). Returns the relative
+    Frobenius error."""
     m, n, r, k = layer.out_features, layer.in_features, layer.rank_per_component, layer.components
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    units = budget * m * n / (r * (m + n))
-    total = float(w.square().sum()) or 1.0
-    best: tuple | None = None
-    for share in (1.0, 0.75, 0.5, 0.25, 0.0):
-        k1 = min(k, int(share * units + 1e-9), s.numel() // r)
-        resid = w - (u[:, : k1 * r] * s[: k1 * r]) @ vh[: k1 * r]
-        resid2 = float(resid.square().sum())
-        left = budget * m * n - k1 * r * (m + n)
-        for grid in (2, 3, 4, 6, 8, 12, 16):
-            if grid > min(m, n) or k1 == k:
-                continue
-            rb, cb = _bounds(m, grid), _bounds(n, grid)
-            gains = _tile_gains(resid, rb, cb, r)
-            # candidates (tile i, tile j, singular group q), tiles row-major, ranked by energy per MAC
-            cands = [(i, j, q) for i in range(grid) for j in range(grid) for q in range(len(gains[i, j]))]
-            gain = np.array([g for i in range(grid) for j in range(grid) for g in gains[i, j]])
-            cost = np.array([r * (rb[i + 1] - rb[i] + cb[j + 1] - cb[j]) for i, j, _ in cands])
-            order = np.argsort(-(gain / cost), kind="stable")
-            taken = order[_greedy(cost[order], left, k - k1)]
-            gained = 0.0
-            for g in gain[taken].tolist():  # summed in pick order, as one at a time
-                gained += g
-            err2 = max(0.0, resid2 - gained) / total
-            if best is None or err2 < best[0]:
-                best = (err2, k1, grid, [cands[t] for t in taken.tolist()])
-        if best is None or k1 == k:  # every component is full width: no blocks to place
-            err2 = resid2 / total
-            if best is None or err2 < best[0]:
-                best = (err2, k1, 1, [])
+    with ThreadPoolExecutor(_share_workers()) as pool:
+        results = list(pool.map(lambda share: _best_for_share(w, (u, s, vh), share, budget, r, k), SHARES))
+    best = min(results, key=lambda t: t[0])  # the first of equals, as a sequential search keeps
     err2, k1, grid, picks = best
     layer.widths.zero_()
     layer.locations.zero_()

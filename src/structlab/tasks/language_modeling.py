@@ -57,15 +57,17 @@ class LanguageModelingModule(StructuredModule):
         self.log("train/loss", loss, prog_bar=bar, on_step=True, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], ppl: Perplexity, stage: str) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], index: int, ppl: Perplexity, stage: str) -> None:
         logits, targets = self._logits_and_targets(batch)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if not torch.isfinite(loss):  # dropping the batch would report a perplexity of the rest
+            raise FloatingPointError(f"{stage} batch {index} gave a non-finite loss ({float(loss)})")
         self.log(f"{stage}/loss", loss, sync_dist=True)
         ppl.update(logits, targets)
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_ppl, "val")
+        self._eval_step(batch, batch_idx, self.val_ppl, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_ppl, "test")
+        self._eval_step(batch, batch_idx, self.test_ppl, "test")

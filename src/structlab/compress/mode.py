@@ -1,0 +1,171 @@
+"""`python run.py mode=compress ...`: compress a trained model without training and report it.
+
+The task's test metric (perplexity for language models) before and after, on the task's own test
+loader and precision; calibration from the train split (disjoint from evaluation); the compressed
+model saved by `save_compressed` into <run dir>/compressed; optionally int8 (torchao) evaluated too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from structlab.budget import budget_from_ratio
+from structlab.compress.model import NEEDS_CALIBRATION, compress_model
+from structlab.surgery import save_compressed
+from structlab.tasks.structured import StructuredModule, leading_dim, take
+
+log = logging.getLogger("structlab")
+
+
+def load_weights(cfg: DictConfig, module: StructuredModule) -> str:
+    """The trained weights to compress: a Lightning checkpoint (ckpt_path) or the model's own
+    pretrained weights (model.pretrained); compressing a random initialisation is refused."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={path} does not exist")
+        module.structure_from(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+        module.load_state_dict(state)
+        return f"checkpoint {path}"
+    if cfg.model.get("pretrained"):
+        return f"pretrained {cfg.model.pretrained}"
+    raise ValueError(
+        "mode=compress needs trained weights: ckpt_path=<a .ckpt of a training run> or "
+        "model.pretrained=<name or directory> (compressing a random initialisation measures nothing)"
+    )
+
+
+def calibration_inputs(cfg: DictConfig, datamodule: Any, module: StructuredModule) -> list[Any]:
+    """`calib.samples` model inputs from the train split (its loader order, seeded), in batches of
+    the task's batch size; token windows cropped to `calib.seq_len` when it is set."""
+    calib = cfg.calib
+    datamodule.setup("fit")
+    L.seed_everything(calib.seed, verbose=False)
+    out, count = [], 0
+    for batch in datamodule.train_dataloader():
+        batch = move_data_to_device(batch, module.device)
+        batch = datamodule.on_after_batch_transfer(batch, 0)
+        batch = take(batch, calib.samples - count)
+        inputs = module.model_inputs(batch)
+        if calib.seq_len is not None:
+            if module.tokens_in(batch) is None:
+                raise ValueError(
+                    f"calib.seq_len={calib.seq_len} applies to token tasks; {cfg.task.name} has none"
+                )
+            length = inputs["input_ids"].shape[1]
+            if calib.seq_len > length:
+                raise ValueError(
+                    f"calib.seq_len={calib.seq_len} is longer than the task's windows ({length} tokens): "
+                    f"set task.data.block_size={calib.seq_len} or a shorter calib.seq_len"
+                )
+            inputs = {k: v[:, : calib.seq_len] for k, v in inputs.items()}
+        out.append(inputs)
+        count += module.samples_in(batch)
+        if count >= calib.samples:
+            break
+    if count < calib.samples:
+        log.warning(
+            "calibration: the train split has only %d samples (calib.samples=%d)", count, calib.samples
+        )
+    return out
+
+
+def compress_run(
+    cfg: DictConfig, datamodule: Any, module: StructuredModule, trainer: L.Trainer, costs: Callable[[], dict]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate, compress, save, evaluate again (and int8). Returns (summary sections, the report);
+    `costs()` gives the cost rows of the compressed model (taken before int8)."""
+    if module.layer_cfg["name"] != "dense":
+        raise ValueError(
+            f"mode=compress takes its method from compress.method; leave layer=dense (got layer={module.layer_cfg['name']})"
+        )
+    c = cfg.compress
+    update = bool(c["update"])  # update would be the mapping's update() method
+    source = load_weights(cfg, module)
+    device = trainer.strategy.root_device
+    module.to(device)
+    metric = f"test/{cfg.task.metric.name}"
+
+    def evaluate() -> float:
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+        return float(results[0][metric])
+
+    before = evaluate()
+    needs_data = c.method in NEEDS_CALIBRATION or update
+    calibration = calibration_inputs(cfg, datamodule, module) if needs_data else None
+    report = compress_model(
+        module.model,
+        method=c.method,
+        ratio=c.ratio,
+        targets=module.targets,
+        exclude=module.exclude,
+        calibration=calibration,
+        update=update,
+        allocation=c.allocation,
+        alpha=c.alpha,
+        rank_multiple=c.rank_multiple,
+        untie=c.untie,
+        progress=True,
+    )
+    info = {
+        "report": report.to_dict(),
+        "source": source,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+    }
+    if c.quantize:
+        info.update(quantize=c.quantize, quantized=[r.name for r in report.layers])
+    saved = save_compressed(module.model, Path(cfg.paths.output_dir) / "compressed", info)
+    results = {f"{metric} dense": before, f"{metric} compressed": evaluate()}
+    cost = costs()
+    if c.quantize:
+        from structlab.compress.quantize import quantize_model
+
+        quantize_model(module.model, c.quantize, [r.name for r in report.layers])
+        results[f"{metric} compressed + {c.quantize}"] = evaluate()
+    sections = {
+        "compression": {
+            "method": c.method + (" + update" if update else ""),
+            "allocation": c.allocation,
+            "ratio (parameters removed)": f"{report.achieved_ratio:.4f} (asked {c.ratio}, budget β = {budget_from_ratio(c.ratio):.3f})",
+            "budget reached (MACs / dense)": round(report.budget, 4),
+            "targeted layers": len(report.layers),
+            "parameters of the targets": f"{report.params_before:,} → {report.params_after:,}",
+            "calibration": "none (data-free)"
+            if calibration is None
+            else f"{sum(leading_dim(b) for b in calibration)} samples from the train split",
+            "weights": source,
+            "precision": str(trainer.precision),
+        },
+        "test": results,
+        "cost": cost,
+        "outputs": {"compressed model": str(saved)},
+    }
+    return sections, report.to_dict()
+
+
+def print_layers(report: dict[str, Any], console: Console | None = None) -> None:
+    """Per-layer ranks, parameters, MACs per token and calibration output error ‖ΔW Xᵀ‖/‖W Xᵀ‖."""
+    table = Table(title=f"compressed layers ({report['method']})")
+    for col in ("layer", "out×in", "rank", "params", "MACs/token", "out. error"):
+        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+    for r in report["layers"]:
+        table.add_row(
+            r["name"],
+            "×".join(map(str, r["shape"])),
+            "dense" if r["rank"] is None else str(r["rank"]),
+            f"{r['params_before']:,}→{r['params_after']:,}",
+            f"{r['macs_before']:,}→{r['macs_after']:,}",
+            "" if r["output_error"] is None else f"{r['output_error']:.4f}",
+        )
+    (console or Console()).print(table)
