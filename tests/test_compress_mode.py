@@ -42,6 +42,7 @@ def test_compress_reports_before_and_after_and_saves_a_reloadable_model(checkpoi
     # rebuilt from a fresh instance of the architecture, without the training code: the same ranks
     model = load_compressed(build_model("gpt2_tiny"), tmp_path / "compressed")
     ranks = {r["name"]: r["rank"] for r in info["report"]["layers"]}
+
     def rank(module: torch.nn.Module) -> int | None:  # int8: a low-rank layer is two Linears, a dense one one
         return module[0].out_features if isinstance(module, torch.nn.Sequential) else None
 
@@ -55,7 +56,10 @@ def test_compress_reports_before_and_after_and_saves_a_reloadable_model(checkpoi
     [
         ([], "needs trained weights"),
         (["layer=svd", "ckpt_path=CKPT"], "leave layer=dense"),
-        (["compress.method=svd-llm", "ckpt_path=CKPT"], "valid methods: svd, asvd, whitened_svd, falor, tsvd"),
+        (
+            ["compress.method=svd-llm", "ckpt_path=CKPT"],
+            "valid methods: svd, asvd, whitened_svd, falor, tsvd",
+        ),
         (["compress.ratio=1.0", "ckpt_path=CKPT"], r"\[0, 1\)"),
         (["calib.seq_len=999", "ckpt_path=CKPT"], "longer than the task's windows"),
     ],
