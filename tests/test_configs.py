@@ -23,11 +23,16 @@ def test_experiments_are_found():
         "fashion_mnist/vit_p7-dense",
         "imagenet/vit_b16-dense",
         "synthetic/vit_b16-dense",
+        "text/gpt2_ft-dense",
+        "text/gpt2_ft-gblr",
+        "text/gpt2_ft-svd",
+        "text/gpt2_ft-tsvd",
+        "text/gpt2_scratch-dense",
     ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.slow  # text/ recipes: tests/test_text_experiments.py (a small corpus and GPT-2 weights)
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not e.startswith("text/")])
 def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, imagefolder_dir):
     cfg = compose_train(f"experiment={experiment}", output_dir=tmp_path)
     data = {

@@ -119,6 +119,7 @@ class TextDataModule(TokenDataModule):
         test_fraction: float = 0.05,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        get_files: str | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         if corpus not in (*WIKITEXT, "files"):
@@ -131,6 +132,7 @@ class TextDataModule(TokenDataModule):
         self.tokenizer_name, self.bpe_vocab_size, self.block_size = tokenizer, vocab_size, block_size
         self.fractions = (val_fraction, test_fraction)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.data_dir / "token_cache"
+        self.get_files = get_files  # how to get missing `files`, for the error (from a task config)
         self.tokens: dict[str, np.ndarray] = {}
         self.vocab_size: int | None = None
         self.tokenizer_used: str | None = None
@@ -147,7 +149,7 @@ class TextDataModule(TokenDataModule):
             how = (
                 f"download the raw {self.corpus} release and unpack it under task.data.data_dir={self.data_dir}"
                 if self.corpus in WIKITEXT
-                else "check task.data.files"
+                else self.get_files or "check task.data.files"
             )
             raise missing(f"{self.corpus} text", absent, how)
         return paths

@@ -30,7 +30,7 @@ def pack_ternary(t: torch.Tensor) -> torch.Tensor:
     """Pack a ternary matrix (rows × r) along its last axis, 4 entries per byte (0→0, +1→1, −1→2)."""
     rows, r = t.shape
     codes = (t > 0).to(torch.uint8) | ((t < 0).to(torch.uint8) << 1)
-    codes = F.pad(codes, (0, (-r) % 4)).view(rows, -1, 4)
+    codes = F.pad(codes, (0, (-r) % 4)).reshape(rows, -1, 4)  # reshape: t may be a transposed view
     return codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
 
 
