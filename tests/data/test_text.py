@@ -149,3 +149,18 @@ def test_task_text_runs_through_run_py(corpus, tmp_path):
     assert summary["speed"]["train tokens/s"] == pytest.approx(
         16 * summary["speed"]["train samples/s"], rel=1e-3
     )
+
+
+def test_pretrained_weights_refuse_the_bpe_fallback(corpus, tmp_path):
+    """GPT-2's weights read GPT-2's token ids: text tokenised by the fallback BPE would be garbage to them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=512, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    ).save_pretrained(tmp_path / "weights")
+    model = {"name": "gpt2_tiny", "pretrained": str(tmp_path / "weights"), "vocab_size": 512, "n_positions": 16,
+             "n_embd": 16, "n_layer": 1, "n_head": 2}  # fmt: skip
+    module = LanguageModelingModule(model=model)
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="expects GPT-2's token ids"):
+        trainer.fit(module, datamodule=files_module(corpus, tmp_path, batch_size=4))

@@ -28,6 +28,14 @@ class LanguageModelingModule(StructuredModule):
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
 
     def setup(self, stage: str) -> None:
+        used = getattr(self.trainer.datamodule, "tokenizer_used", None)
+        pretrained = self.model_cfg.get("pretrained")
+        if pretrained and used is not None and used != "gpt2":  # ids of another tokenizer: garbage in
+            raise ValueError(
+                f"model.pretrained={pretrained} expects GPT-2's token ids, but the text was tokenised with a "
+                f"{used} (GPT-2's tokenizer could not be loaded: offline?). Put GPT-2's tokenizer in the HF "
+                "cache (or go online), or train from scratch with model.pretrained=null"
+            )
         tokens = getattr(self.trainer.datamodule, "vocab_size", None)
         model = getattr(getattr(self.model, "config", None), "vocab_size", None)
         if tokens is not None and model is not None and tokens > model:

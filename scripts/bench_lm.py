@@ -1,0 +1,128 @@
+"""Prefill and decode speed of GPT-2 (HF transformers), dense and compressed, in one process.
+
+Every model is measured in the same run on the same GPU: prefill tokens/s (batch × seq tokens in one
+forward, no KV cache), decode tokens/s (greedy generation with the KV cache), weight bytes and peak
+memory. Compressed = `compress_model` at `--ratio` of the block linears' parameters removed, uniform
+ranks (the ranks, hence the speed, are the same for svd, asvd, whitened_svd and falor); int8 rows use
+torchao on the compressed factors or on the dense block linears. Random weights (speed only).
+
+    python scripts/bench_lm.py                          # GPT-2 124M, bf16, 16 × 1024, ratio 0.4
+    python scripts/bench_lm.py --model gpt2_medium --ratio 0.2 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from structlab.compress import compress_model, quantize_model  # noqa: E402
+from structlab.models import build_model  # noqa: E402
+from structlab.surgery import find_targets  # noqa: E402
+
+TARGETS = ["transformer.h.*.attn.c_attn", "transformer.h.*.attn.c_proj", "transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj"]  # fmt: skip
+
+
+def timed_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median of `repeats` CUDA-event timings after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (int8 tensor subclasses count their int8 data and scales)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        inner = [getattr(t, a) for a in getattr(t, "__tensor_flatten__", lambda: ([], None))()[0]]
+        total += sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
+    return total
+
+
+def measure(label: str, model: torch.nn.Module, args: argparse.Namespace) -> dict:
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+    prompt = ids[:, : args.prompt]
+    forward = torch.compile(model) if args.compile else model
+
+    def prefill() -> None:
+        with torch.no_grad():
+            forward(input_ids=ids, use_cache=False)
+
+    def decode() -> None:
+        with torch.no_grad():
+            model.generate(
+                prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0
+            )
+
+    torch.cuda.reset_peak_memory_stats()
+    prefill_ms = timed_ms(prefill, args.repeats)
+    peak = torch.cuda.max_memory_allocated()
+    decode_ms = timed_ms(decode, max(3, args.repeats // 3), warmup=1)
+    row = {
+        "model": label,
+        "prefill tok/s": args.batch * args.seq / prefill_ms * 1e3,
+        "decode tok/s": args.batch * args.new / decode_ms * 1e3,
+        "weights MB": stored_bytes(model) / 2**20,
+        "peak MB (prefill)": peak / 2**20,
+    }
+    print("  ".join(f"{k}: {v:,.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items()), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--ratio", type=float, default=0.4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--prompt", type=int, default=128, help="decode: prompt tokens")
+    p.add_argument("--new", type=int, default=128, help="decode: generated tokens")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="torch.compile the prefill forward")
+    p.add_argument("--no-int8", action="store_true")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, bf16, prefill {args.batch}×{args.seq}, decode {args.batch}×"
+          f"({args.prompt} + {args.new}), {'compiled' if args.compile else 'eager'}", flush=True)  # fmt: skip
+    dense = build_model(args.model).to("cuda", torch.bfloat16)
+    small = copy.deepcopy(dense)
+    report = compress_model(small, "svd", args.ratio, targets=TARGETS)
+    print(f"compressed: {report.achieved_ratio:.3f} of the block linears' parameters removed", flush=True)
+    rows = [measure("dense", dense, args), measure(f"compressed {args.ratio:.0%}", small, args)]
+    if not args.no_int8:
+        names = find_targets(dense, TARGETS)
+        for scheme in ("int8", "int8_dynamic"):
+            for label, base in (("dense", dense), (f"compressed {args.ratio:.0%}", small)):
+                q = copy.deepcopy(base)
+                quantize_model(q, scheme, names)
+                rows.append(measure(f"{label} + {scheme}", q, args))
+    base = rows[0]
+    print("\n| model | prefill tok/s | × dense | decode tok/s | × dense | weights MB | peak MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['prefill tok/s']:,.0f} | {r['prefill tok/s'] / base['prefill tok/s']:.2f} | "
+            f"{r['decode tok/s']:,.0f} | {r['decode tok/s'] / base['decode tok/s']:.2f} | "
+            f"{r['weights MB']:,.0f} | {r['peak MB (prefill)']:,.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
