@@ -64,7 +64,8 @@ def main() -> None:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     datamodule, module, trainer = build(cfg)
     source = load_weights(cfg, module)
-    module.to(trainer.strategy.root_device)
+    device = trainer.strategy.root_device
+    module.to(device)
     metric = f"test/{cfg.task.metric.name}"
 
     def score() -> float:
@@ -72,6 +73,7 @@ def main() -> None:
 
     dense_model = module.model
     dense = score()
+    module.to(device)
     calibration = calibration_inputs(cfg, datamodule, module)
     print(f"{source}; {metric} dense {dense:.3f}; precision {trainer.precision}; "
           f"calibration {cfg.calib.samples} samples from the train split", flush=True)  # fmt: skip
@@ -79,7 +81,7 @@ def main() -> None:
     for ratio in args.ratios:
         for method, update in ROWS:
             for allocation in args.allocations:
-                module.model = copy.deepcopy(dense_model)
+                module.model = copy.deepcopy(dense_model).to(device)  # trainer.test leaves it on the CPU
                 start = time.perf_counter()
                 report = compress_model(
                     module.model, method, ratio, targets=module.targets, exclude=module.exclude,
@@ -90,8 +92,8 @@ def main() -> None:
                 value = score()
                 name = method + (" + update" if update else "")
                 table.append((ratio, name, allocation, report.achieved_ratio, value, seconds))
-                print(f"{ratio} {name} {allocation}: {metric} {value:.3f} "
-                      f"(removed {report.achieved_ratio:.3f}, {seconds:.1f} s)", flush=True)  # fmt: skip
+                print(f"| {ratio} | {name} | {allocation} | {report.achieved_ratio:.3f} | {value:.3f} | "
+                      f"{seconds:.1f} |", flush=True)  # fmt: skip
     module.model = dense_model
     print(f"\n| ratio | method | allocation | removed | {metric} | compress s |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -102,6 +102,7 @@ def compress_run(
         return float(results[0][metric])
 
     before = evaluate()
+    module.to(device)  # trainer.test hands the module back on the CPU
     needs_data = c.method in NEEDS_CALIBRATION or update
     calibration = calibration_inputs(cfg, datamodule, module) if needs_data else None
     report = compress_model(
@@ -127,6 +128,7 @@ def compress_run(
         info.update(quantize=c.quantize, quantized=[r.name for r in report.layers])
     saved = save_compressed(module.model, Path(cfg.paths.output_dir) / "compressed", info)
     results = {f"{metric} dense": before, f"{metric} compressed": evaluate()}
+    module.to(device)
     cost = costs()
     if c.quantize:
         from structlab.compress.quantize import quantize_model

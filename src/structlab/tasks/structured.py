@@ -183,12 +183,14 @@ class StructuredModule(L.LightningModule):
         groups = param_groups(self.model, wd)
         for g in groups:
             g.setdefault("lr", lr)
-        fused = self.device.type == "cuda"
+        # Lightning refuses to clip the gradients of a fused optimizer under AMP (it unscales internally)
+        fused = self.device.type == "cuda" and not self.trainer.gradient_clip_val
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=wd, fused=fused, **cfg)
         if not self.scheduler_cfg:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
-        # estimated_stepping_batches has loaded the train loader, so its length is known here
+        if math.isinf(self.trainer.num_training_batches):  # a max_steps run (max_epochs=-1) has not loaded it
+            self.trainer.fit_loop.setup_data()
         per_epoch = max(
             1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         )
