@@ -116,6 +116,20 @@ def test_warmup_cosine_cooldown_values() -> None:
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101], strict=True))
 
 
+def test_linear_decay_values() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 1e-3}])
+    sched = warmup_cosine(opt, total_steps=100, warmup_steps=10, min_lr=1e-5, base_lr=1e-3, decay="linear")
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[10] == pytest.approx(1e-3) and lrs[55] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    with pytest.raises(ValueError, match="'cosine' or 'linear'"):
+        warmup_cosine(opt, total_steps=100, warmup_steps=10, base_lr=1e-3, decay="step")
+
+
 def test_warmup_cosine_floors_scale_with_each_groups_lr() -> None:
     """Group i's floors are warmup_lr·lr_i/base_lr and min_lr·lr_i/base_lr: the ratio holds throughout."""
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))

@@ -66,9 +66,10 @@ def warmup_cosine(
     min_lr: float = 1e-5,
     *,
     base_lr: float,
+    decay: str = "cosine",
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from `warmup_lr` to each group's lr, cosine down to `min_lr`, then hold `min_lr`
-    for `cooldown_steps` (the timm/DeiT recipe).
+    """Linear warmup from `warmup_lr` to each group's lr, cosine (or, with decay="linear", linear)
+    down to `min_lr`, then hold `min_lr` for `cooldown_steps` (the timm/DeiT recipe).
 
     `warmup_lr` and `min_lr` are the floors of a group whose lr is `base_lr` (the optimizer config's
     lr); group i's floors are scaled by lr_i / base_lr, so a structure group with 10× the lr stays
@@ -76,6 +77,8 @@ def warmup_cosine(
     """
     if not base_lr > 0:
         raise ValueError(f"base_lr must be positive, got {base_lr}")
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"scheduler decay must be 'cosine' or 'linear', got {decay!r}")
     w, floor = warmup_lr / base_lr, min_lr / base_lr
     cosine_steps = max(1, total_steps - warmup_steps - cooldown_steps)
 
@@ -84,7 +87,8 @@ def warmup_cosine(
             return w + (1 - w) * step / max(1, warmup_steps)
         if step < warmup_steps + cosine_steps:
             t = (step - warmup_steps) / cosine_steps
-            return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * t))
+            left = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1 - t
+            return floor + (1 - floor) * left
         return floor
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -89,8 +89,15 @@ def test_gpt2_tokenizer_falls_back_to_bpe_offline(corpus, tmp_path, monkeypatch,
     assert dm.tokenizer_used.startswith("byte-level BPE") and "training a byte-level BPE" in caplog.text
 
 
-def test_wikitext_raw_layout_and_a_clear_error_when_absent(tmp_path):
+def test_wikitext_raw_layout_and_a_clear_error_when_absent(tmp_path, monkeypatch):
     with pytest.raises(MissingDatasetError, match="wiki.train.raw"):
+        TextDataModule(data_dir=str(tmp_path), corpus="wikitext-2", tokenizer="bpe", download=False).setup()
+
+    def offline(corpus, folder):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr("structlab.data.text.download_wikitext", offline)
+    with pytest.raises(MissingDatasetError, match="download from HF datasets failed: ConnectionError"):
         TextDataModule(data_dir=str(tmp_path), corpus="wikitext-2", tokenizer="bpe").setup()
     folder = tmp_path / "wikitext-2-raw"
     folder.mkdir()

@@ -29,6 +29,22 @@ WIKITEXT = {  # corpus → folder and its raw split files (the "raw" releases: u
     "wikitext-103": ("wikitext-103-raw", "wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"),
     "wikitext-2": ("wikitext-2-raw", "wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"),
 }
+HF_WIKITEXT = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}  # HF datasets' names
+
+
+def download_wikitext(corpus: str, folder: Path) -> None:
+    """Write WikiText's raw split files into `folder` from HF datasets (online). Its rows are the
+    lines of the raw release, newlines included, so joining them gives the original files."""
+    from datasets import load_dataset  # optional: only this path needs it
+
+    data = load_dataset("Salesforce/wikitext", HF_WIKITEXT[corpus])
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, name in zip(("train", "validation", "test"), WIKITEXT[corpus][1:], strict=True):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text("".join(data[split]["text"]), encoding="utf-8")
+        tmp.replace(folder / name)
+
+
 SPLITS = ("train", "val", "test")
 
 
@@ -120,8 +136,10 @@ class TextDataModule(TokenDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         get_files: str | None = None,
+        download: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
+        self.download = download
         if corpus not in (*WIKITEXT, "files"):
             raise ValueError(f"unknown corpus {corpus!r}; valid corpora: {', '.join([*WIKITEXT, 'files'])}")
         if corpus == "files" and not files:
@@ -145,9 +163,17 @@ class TextDataModule(TokenDataModule):
             folder, *names = WIKITEXT[self.corpus]
             paths = [self.data_dir / folder / name for name in names]
         absent = [p for p in paths if not p.is_file()]
+        why = ""
+        if absent and self.corpus in WIKITEXT and self.download:
+            try:
+                download_wikitext(self.corpus, self.data_dir / WIKITEXT[self.corpus][0])
+                absent = [p for p in paths if not p.is_file()]
+            except Exception as err:  # offline, or no `datasets`: reported below with what to do
+                why = f" (the download from HF datasets failed: {type(err).__name__}: {str(err)[:200]})"
         if absent:
             how = (
-                f"download the raw {self.corpus} release and unpack it under task.data.data_dir={self.data_dir}"
+                f"download the raw {self.corpus} release and unpack it under task.data.data_dir={self.data_dir}, "
+                f"or, online, pip install datasets and keep task.data.download=true{why}"
                 if self.corpus in WIKITEXT
                 else self.get_files or "check task.data.files"
             )

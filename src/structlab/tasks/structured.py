@@ -203,5 +203,6 @@ class StructuredModule(L.LightningModule):
             warmup_lr=s.get("warmup_lr", 1e-6),
             min_lr=s.get("min_lr", 1e-5),
             base_lr=lr,
+            decay=s.get("decay", "cosine"),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
