@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from structlab.budget import stored_bytes  # noqa: E402
 from structlab.compress import compress_model, quantize_model  # noqa: E402
 from structlab.models import build_model  # noqa: E402
 from structlab.surgery import find_targets  # noqa: E402
@@ -41,18 +42,6 @@ def timed_ms(fn, repeats: int, warmup: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def stored_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers (int8 tensor subclasses count their int8 data and scales)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        inner = [getattr(t, a) for a in getattr(t, "__tensor_flatten__", lambda: ([], None))()[0]]
-        total += sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
-    return total
 
 
 def measure(label: str, model: torch.nn.Module, args: argparse.Namespace) -> dict:
@@ -82,7 +71,10 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace) -> dic
         "weights MB": stored_bytes(model) / 2**20,
         "peak MB (prefill)": peak / 2**20,
     }
-    print("  ".join(f"{k}: {v:,.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items()), flush=True)
+    print(
+        "  ".join(f"{k}: {v:,.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items()),
+        flush=True,
+    )
     return row
 
 

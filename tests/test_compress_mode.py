@@ -37,6 +37,8 @@ def test_compress_reports_before_and_after_and_saves_a_reloadable_model(checkpoi
     dense, small, int8 = (test[f"test/ppl {k}"] for k in ("dense", "compressed", "compressed + int8"))
     assert 1 < dense < small < 1.5 * dense and int8 == pytest.approx(small, rel=0.02)
     assert summary["compression"]["method"] == "whitened_svd + update"
+    mb = [summary["cost"][f"weights MB: {k}"] for k in ("dense", "compressed", "compressed + int8")]
+    assert mb[0] > mb[1] > mb[2]  # int8 counts its int8 data and scales
     info = json.loads((tmp_path / "compressed" / "compression.json").read_text())
     assert info["report"]["achieved_ratio"] == pytest.approx(0.4, abs=0.01) and info["quantize"] == "int8"
     # rebuilt from a fresh instance of the architecture, without the training code: the same ranks

@@ -122,6 +122,20 @@ def allocate_ranks(
     return ranks
 
 
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, shared tensors once; a tensor subclass that holds
+    its data in inner tensors (torchao's int8 weights) counts those (int8 data and scales)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        flatten = getattr(t, "__tensor_flatten__", None)
+        inner = [getattr(t, name) for name in flatten()[0]] if flatten is not None else []
+        total += sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
+    return total
+
+
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a module that computes a linear map per token, else None. Reads no weights."""
     from structlab.layers.base import StructuredLinear

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from structlab.budget import budget_from_ratio
+from structlab.budget import budget_from_ratio, stored_bytes
 from structlab.compress.model import NEEDS_CALIBRATION, compress_model
 from structlab.surgery import save_compressed
 from structlab.tasks.structured import StructuredModule, leading_dim, take
@@ -103,6 +103,7 @@ def compress_run(
 
     before = evaluate()
     module.to(device)  # trainer.test hands the module back on the CPU
+    size = {"weights MB: dense": stored_bytes(module.model) / 2**20}
     needs_data = c.method in NEEDS_CALIBRATION or update
     calibration = calibration_inputs(cfg, datamodule, module) if needs_data else None
     report = compress_model(
@@ -129,11 +130,13 @@ def compress_run(
     saved = save_compressed(module.model, Path(cfg.paths.output_dir) / "compressed", info)
     results = {f"{metric} dense": before, f"{metric} compressed": evaluate()}
     module.to(device)
+    size["weights MB: compressed"] = stored_bytes(module.model) / 2**20
     cost = costs()
     if c.quantize:
         from structlab.compress.quantize import quantize_model
 
         quantize_model(module.model, c.quantize, [r.name for r in report.layers])
+        size[f"weights MB: compressed + {c.quantize}"] = stored_bytes(module.model) / 2**20
         results[f"{metric} compressed + {c.quantize}"] = evaluate()
     sections = {
         "compression": {
@@ -150,7 +153,7 @@ def compress_run(
             "precision": str(trainer.precision),
         },
         "test": results,
-        "cost": cost,
+        "cost": {**cost, **{k: round(v, 2) for k, v in size.items()}},
         "outputs": {"compressed model": str(saved)},
     }
     return sections, report.to_dict()
