@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+DEFAULT_BUDGET = 0.5  # a layer config's budget when it gives neither budget nor rank
+
 
 def check_budget(budget: float, key: str = "layer.budget") -> float:
     """`budget` as a float, if it lies in (0, 1]; else a ValueError naming the config `key` to change.

@@ -74,6 +74,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, StructuredModule, L.T
         cfg.task.module,
         model=OmegaConf.to_container(cfg.model, resolve=True),
         layer=OmegaConf.to_container(cfg.layer, resolve=True),
+        init_from=cfg.get("init_from"),
         _convert_="all",
     )
     trainer = hydra.utils.instantiate(

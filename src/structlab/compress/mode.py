@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -22,7 +21,7 @@ from rich.table import Table
 from structlab.budget import budget_from_ratio, stored_bytes
 from structlab.compress.model import NEEDS_CALIBRATION, compress_model
 from structlab.surgery import save_compressed
-from structlab.tasks.structured import StructuredModule, leading_dim, take
+from structlab.tasks.structured import StructuredModule, leading_dim
 
 log = logging.getLogger("structlab")
 
@@ -47,38 +46,8 @@ def load_weights(cfg: DictConfig, module: StructuredModule) -> str:
 
 
 def calibration_inputs(cfg: DictConfig, datamodule: Any, module: StructuredModule) -> list[Any]:
-    """`calib.samples` model inputs from the train split (its loader order, seeded), in batches of
-    the task's batch size; token windows cropped to `calib.seq_len` when it is set."""
-    calib = cfg.calib
-    datamodule.setup("fit")
-    L.seed_everything(calib.seed, verbose=False)
-    out, count = [], 0
-    for batch in datamodule.train_dataloader():
-        batch = move_data_to_device(batch, module.device)
-        batch = datamodule.on_after_batch_transfer(batch, 0)
-        batch = take(batch, calib.samples - count)
-        inputs = module.model_inputs(batch)
-        if calib.seq_len is not None:
-            if module.tokens_in(batch) is None:
-                raise ValueError(
-                    f"calib.seq_len={calib.seq_len} applies to token tasks; {cfg.task.name} has none"
-                )
-            length = inputs["input_ids"].shape[1]
-            if calib.seq_len > length:
-                raise ValueError(
-                    f"calib.seq_len={calib.seq_len} is longer than the task's windows ({length} tokens): "
-                    f"set task.data.block_size={calib.seq_len} or a shorter calib.seq_len"
-                )
-            inputs = {k: v[:, : calib.seq_len] for k, v in inputs.items()}
-        out.append(inputs)
-        count += module.samples_in(batch)
-        if count >= calib.samples:
-            break
-    if count < calib.samples:
-        log.warning(
-            "calibration: the train split has only %d samples (calib.samples=%d)", count, calib.samples
-        )
-    return out
+    """`calib.samples` model inputs from the train split (see StructuredModule.calibration_inputs)."""
+    return module.calibration_inputs(datamodule, cfg.calib.samples, cfg.calib.seq_len, cfg.calib.seed)
 
 
 def compress_run(

@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from structlab.budget import rank_from_budget
+from structlab.budget import DEFAULT_BUDGET, rank_from_budget
 from structlab.compress.svd import asvd, falor, plain_svd, whitened_svd
 from structlab.layers.base import StructuredLinear, dense_parts
 from structlab.layers.registry import register_layer
 
-DEFAULT_BUDGET = 0.5
 METHODS = ("svd", "whitened_svd", "asvd", "falor")  # the data-aware ones need calibration statistics
 
 

@@ -31,9 +31,10 @@ class ClassificationModule(StructuredModule):
         label_smoothing: float = 0.0,
         mixup: dict[str, Any] | None = None,
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         self.num_classes = num_classes
-        super().__init__(model, layer, optimizer, scheduler, compile)
+        super().__init__(model, layer, optimizer, scheduler, compile, init_from)
         self.save_hyperparameters()
         self.mixup = None
         if mixup and (mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0):

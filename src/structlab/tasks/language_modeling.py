@@ -22,8 +22,9 @@ class LanguageModelingModule(StructuredModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
-        super().__init__(model, layer, optimizer, scheduler, compile)
+        super().__init__(model, layer, optimizer, scheduler, compile, init_from)
         self.save_hyperparameters()
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
 

@@ -48,6 +48,60 @@ def take(batch: Any, n: int) -> Any:
     return batch
 
 
+def crop_sequences(inputs: Any, length: int) -> Any:
+    """The first `length` positions (dim 1) of every sequence tensor in a (nested) batch of inputs."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() < 2:
+            return inputs
+        if length > inputs.shape[1]:
+            raise ValueError(
+                f"calib.seq_len={length} is longer than the task's windows ({inputs.shape[1]} tokens): "
+                f"set task.data.block_size={length} or a shorter calib.seq_len"
+            )
+        return inputs[:, :length]
+    if isinstance(inputs, Mapping):
+        return {k: crop_sequences(v, length) for k, v in inputs.items()}
+    if isinstance(inputs, list | tuple):
+        return type(inputs)(crop_sequences(v, length) for v in inputs)
+    return inputs
+
+
+def load_dense(model: nn.Module, source: str) -> str:
+    """Load trained dense weights into `model`, strictly: a Lightning checkpoint (.ckpt, its "model."
+    entries) or a folder / file holding model.safetensors. A mismatch names the keys that differ."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"init_from={source}: no such file (give a .ckpt of a dense run or a folder with model.safetensors)"
+        )
+    if path.suffix == ".ckpt":
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if saved.get("structure"):
+            raise ValueError(
+                f"init_from={source} is a checkpoint of a structured model; fine-tuning starts from a dense one"
+            )
+        state = {k[len("model.") :]: v for k, v in saved["state_dict"].items() if k.startswith("model.")}
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"init_from={source} does not fit this model ({type(model).__name__}): "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}, other shapes {sorted(shapes)[:4]}. "
+            "Use the model config the checkpoint was trained with"
+        )
+    model.load_state_dict(state, strict=True)
+    return str(path)
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy that runs eagerly: `nn.Module.compile()` keeps a function bound to the original
     module, which deepcopy would share, so the copy would silently run the original."""
@@ -73,6 +127,7 @@ class StructuredModule(L.LightningModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         model_cfg = dict(model)
@@ -88,6 +143,7 @@ class StructuredModule(L.LightningModule):
         self.optimizer_cfg = {"lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.999), **(optimizer or {})}
         self.scheduler_cfg = dict(scheduler or {})
         self.compile_model = compile
+        self.init_from = init_from  # dense weights loaded before a new run converts (fine-tuning)
 
     # --- what a task adds ----------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -113,18 +169,80 @@ class StructuredModule(L.LightningModule):
         return self.model(*args, **kwargs)
 
     def convert(self) -> None:
-        """Replace the targeted layers by the configured layer type (surgery), once."""
+        """Replace the targeted layers by the configured layer type (surgery), once. Low-rank layers
+        from dense weights under a budget go through `compress_model` (the post-training compression:
+        plain, whitened, ASVD or FALOR factors, uniform or global ranks, calibration from the train split)."""
         cfg = dict(self.layer_cfg)
         name = cfg.pop("name")
         if name != "dense":
             before = sum(p.numel() for p in self.model.parameters())
-            replaced = replace_layers(self.model, name, self.targets, self.exclude, progress=True, **cfg)
+            data_aware = {k: cfg.pop(k) for k in ("method", "allocation", "calib_samples") if k in cfg}
+            if name == "svd" and cfg.get("init", "dense") == "dense" and cfg.get("rank") is None:
+                replaced = self._compress_to_svd({**cfg, **data_aware})
+            elif (
+                data_aware.get("method", "svd") != "svd"
+                or data_aware.get("allocation", "uniform") != "uniform"
+            ):
+                raise ValueError(
+                    f"layer.method / layer.allocation convert dense weights under a budget: they need layer=svd, "
+                    f"layer.init=dense and layer.rank=null (got layer={name}, {data_aware})"
+                )
+            else:
+                replaced = replace_layers(self.model, name, self.targets, self.exclude, progress=True, **cfg)
             self.conversions += 1
             after = sum(p.numel() for p in self.model.parameters())
             log.info(
                 "%d layers are now %s: %s parameters → %s", len(replaced), name, f"{before:,}", f"{after:,}"
             )
         self.structured = True
+
+    def _compress_to_svd(self, cfg: dict[str, Any]) -> list[str]:
+        from structlab.budget import DEFAULT_BUDGET, check_budget
+        from structlab.compress.model import NEEDS_CALIBRATION, compress_model
+
+        method, allocation = cfg.get("method", "svd"), cfg.get("allocation", "uniform")
+        budget = check_budget(cfg["budget"] if cfg.get("budget") is not None else DEFAULT_BUDGET)
+        calibration = None
+        if method in NEEDS_CALIBRATION:
+            calibration = self.calibration_inputs(self.trainer.datamodule, cfg.get("calib_samples", 256))
+        report = compress_model(
+            self.model, method, 1.0 - budget, targets=self.targets, exclude=self.exclude,
+            calibration=calibration, allocation=allocation, rank_multiple=cfg.get("rank_multiple", 8),
+            untie=cfg.get("untie", False), progress=True,
+        )  # fmt: skip
+        return [r.name for r in report.layers]
+
+    def calibration_inputs(
+        self, datamodule: Any, samples: int, seq_len: int | None = None, seed: int = 0
+    ) -> list[Any]:
+        """`samples` model inputs from the train split (its loader order under `seed`), on this
+        module's device; token windows cropped to `seq_len` when it is set."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        datamodule.setup("fit")
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        out, count = [], 0
+        try:
+            for batch in datamodule.train_dataloader():
+                batch = datamodule.on_after_batch_transfer(move_data_to_device(batch, self.device), 0)
+                batch = take(batch, samples - count)
+                inputs = self.model_inputs(batch)
+                if seq_len is not None:
+                    if self.tokens_in(batch) is None:
+                        raise ValueError(
+                            f"calib.seq_len={seq_len} applies to token tasks; this task has no tokens"
+                        )
+                    inputs = crop_sequences(inputs, seq_len)
+                out.append(inputs)
+                count += self.samples_in(batch)
+                if count >= samples:
+                    break
+        finally:
+            torch.random.set_rng_state(generator_state)  # calibration draws nothing from the run's stream
+        if count < samples:
+            log.warning("calibration: the train split has only %d samples (asked for %d)", count, samples)
+        return out
 
     def _convert_on_rank_zero(self) -> None:
         """Rank 0 converts; the others rebuild its structure and take its weights (a conversion may
@@ -153,6 +271,8 @@ class StructuredModule(L.LightningModule):
         # `load_from_checkpoint` calls this without a trainer; it rebuilds the structure itself
         trainer = self._trainer
         if not self.structured and trainer is not None:
+            if self.init_from:
+                load_dense(self.model, self.init_from)
             self.model.to(self.trainer.strategy.root_device)  # the fit runs on the GPU when there is one
             self._convert_on_rank_zero()
         if self.compile_model and not getattr(self, "_compiled", False):
