@@ -14,34 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from structlab.bench.timing import median_ms  # noqa: E402
 from structlab.budget import stored_bytes  # noqa: E402
 from structlab.compress import compress_model, quantize_model  # noqa: E402
 from structlab.models import build_model  # noqa: E402
 from structlab.surgery import find_targets  # noqa: E402
 
 TARGETS = ["transformer.h.*.attn.c_attn", "transformer.h.*.attn.c_proj", "transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj"]  # fmt: skip
-
-
-def timed_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Median of `repeats` CUDA-event timings after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(label: str, model: torch.nn.Module, args: argparse.Namespace) -> dict:
@@ -61,9 +46,9 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace) -> dic
             )
 
     torch.cuda.reset_peak_memory_stats()
-    prefill_ms = timed_ms(prefill, args.repeats)
+    prefill_ms = median_ms(prefill, warmup=3, iters=args.repeats)
     peak = torch.cuda.max_memory_allocated()
-    decode_ms = timed_ms(decode, max(3, args.repeats // 3), warmup=1)
+    decode_ms = median_ms(decode, warmup=1, iters=max(3, args.repeats // 3))
     row = {
         "model": label,
         "prefill tok/s": args.batch * args.seq / prefill_ms * 1e3,
