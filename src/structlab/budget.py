@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,37 @@ def check_budget(budget: float, key: str = "layer.budget") -> float:
             f"(1 = the dense cost); set {key} to a value in (0, 1], e.g. {key}=0.5"
         )
     return float(budget)
+
+
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """The budget in force after `step` optimizer steps: `start` at step 0, moving to `budget` by
+    step `steps` (linearly or on a half cosine), then `budget`. `start=None` (or steps=0) keeps
+    `budget` throughout. The value changes only every `every` steps (a staircase), so a projection
+    captured for one budget (a CUDA graph) is replayed between changes. The step is the optimizer
+    step, which resume restores and every DDP rank shares: every rank is at the same budget."""
+
+    budget: float
+    start: float | None = None
+    steps: int = 0
+    shape: str = "linear"
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget, "budget")
+        if self.start is not None:
+            check_budget(self.start, "start budget")
+        if self.shape not in ("linear", "cosine"):
+            raise ValueError(f"budget schedule shape must be 'linear' or 'cosine', got {self.shape!r}")
+        if self.steps < 0 or self.every < 1:
+            raise ValueError(f"schedule steps must be ≥ 0 and every ≥ 1, got {self.steps}, {self.every}")
+
+    def at(self, step: int) -> float:
+        if self.start is None or step >= self.steps:
+            return self.budget
+        t = (step // self.every * self.every) / self.steps
+        done = t if self.shape == "linear" else 0.5 * (1 - math.cos(math.pi * t))
+        return self.start + (self.budget - self.start) * done
 
 
 def rank_from_budget(m: int, n: int, budget: float, multiple: int = 8) -> int:

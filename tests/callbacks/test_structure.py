@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from structlab.budget import model_cost
+from structlab.budget import BudgetSchedule, model_cost
 from structlab.callbacks import GBLRBudget, SigmaAnneal, TernaryRequantize
 from structlab.layers.gblr import GaudiGBLRLinear
 from structlab.layers.gblr_fit import floor_fraction
@@ -83,6 +83,31 @@ def test_budget_holds_after_every_optimizer_step() -> None:
     assert all(r[2] < 0.75 * width0 for r in rec.rows)  # widths shrank to get there
     assert t.callback_metrics["structure/budget"].item() == pytest.approx(rec.rows[-1][1], abs=1e-6)
     assert t.callback_metrics["structure/mean_width"].item() == pytest.approx(rec.rows[-1][2], abs=1e-6)
+
+
+def test_budget_schedule_values_and_checks() -> None:
+    linear = BudgetSchedule(0.25, start=1.0, steps=100, every=10)
+    assert [linear.at(s) for s in (0, 9, 10, 55, 100, 500)] == pytest.approx(
+        [1.0, 1.0, 0.925, 0.625, 0.25, 0.25]
+    )
+    cosine = BudgetSchedule(0.25, start=1.0, steps=100, shape="cosine")
+    assert cosine.at(50) == pytest.approx(0.625) and cosine.at(10) > linear.at(10)  # slow start
+    assert BudgetSchedule(0.3).at(0) == 0.3  # no start: constant
+    with pytest.raises(ValueError, match="outside"):
+        BudgetSchedule(0.3, start=1.5, steps=10)
+    with pytest.raises(ValueError, match="'linear' or 'cosine'"):
+        GBLRBudget(budget=0.3, start_budget=0.9, schedule_steps=10, schedule="step")
+
+
+def test_budget_shrinks_on_its_schedule() -> None:
+    m = module({"name": "gblr", "budget": 0.5})
+    cb, rec = GBLRBudget(budget=0.25, start_budget=0.45, schedule_steps=4), Record()
+    t = fit(m, [cb, rec], batches=6)
+    schedule = BudgetSchedule(0.25, start=0.45, steps=4)
+    for step, budget, *_ in rec.rows:  # never above the budget in force, and close to it (active)
+        assert schedule.at(step) - 0.01 <= budget <= schedule.at(step) + 1e-12
+    assert rec.rows[0][1] > 0.38 and rec.rows[-1][1] <= 0.25 + 1e-12
+    assert t.callback_metrics["structure/budget_target"].item() == pytest.approx(0.25)
 
 
 def test_budget_none_uses_the_layers_own_budgets() -> None:

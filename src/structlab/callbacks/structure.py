@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from structlab.budget import BudgetSchedule
 from structlab.layers.gblr import GaudiGBLRLinear
 from structlab.layers.gblr_fit import WidthProjection, budget_and_mean_width, floor_fraction
 from structlab.layers.tsvd import TernaryLinear
@@ -90,7 +91,14 @@ class GBLRBudget(_AfterOptimizerStep):
     what = "gblr"
 
     def __init__(
-        self, budget: float | None = None, min_width: float | None = None, every_n_steps: int = 1
+        self,
+        budget: float | None = None,
+        min_width: float | None = None,
+        every_n_steps: int = 1,
+        start_budget: float | None = None,
+        schedule_steps: int = 0,
+        schedule: str = "linear",
+        schedule_every: int = 1,
     ) -> None:
         super().__init__()
         if budget is not None and not budget > 0:
@@ -98,6 +106,15 @@ class GBLRBudget(_AfterOptimizerStep):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be ≥ 1, got {every_n_steps}")
         self.budget, self.min_width, self.every_n_steps = budget, min_width, every_n_steps
+        # start wide and shrink (Gaudi-GBLR's `shrink`): checked now, built on the final budget later
+        self._schedule_args = {
+            "start": start_budget,
+            "steps": schedule_steps,
+            "shape": schedule,
+            "every": schedule_every,
+        }
+        BudgetSchedule(1.0, **self._schedule_args)
+        self._step = 0
         self.projections = 0
         self._projected_at: int | None = None
         self._checked: tuple[float, float] | None = None  # (floor, target) last checked for reachability
@@ -106,18 +123,23 @@ class GBLRBudget(_AfterOptimizerStep):
     def find_layers(self, pl_module: L.LightningModule) -> list[Any]:
         return _layers_of(pl_module, GaudiGBLRLinear)
 
-    def target(self) -> float:
-        """The global budget in force: the given one, else the layers' own (dense-MAC weighted)."""
+    def final_budget(self) -> float:
+        """The given budget, else the layers' own (dense-MAC weighted)."""
         if self.budget is not None:
             return float(self.budget)
         dense = [la.dense_macs_per_token() for la in self.layers]
         return sum(la.budget * d for la, d in zip(self.layers, dense, strict=True)) / sum(dense)
+
+    def target(self) -> float:
+        """The global budget in force at the current optimizer step (see BudgetSchedule)."""
+        return BudgetSchedule(self.final_budget(), **self._schedule_args).at(self._step)
 
     def floor(self) -> float:
         """The lower bound of every width: the given one, else the largest of the layers' own."""
         return self.min_width if self.min_width is not None else max(la.min_width for la in self.layers)
 
     def project(self, trainer: L.Trainer) -> None:
+        self._step = trainer.global_step
         floor, target = self.floor(), self.target()
         if self._projection is None or self._projection.layers != self.layers:
             self._projection = WidthProjection(self.layers)
@@ -168,6 +190,7 @@ class GBLRBudget(_AfterOptimizerStep):
             return
         budget, mean_width = budget_and_mean_width(self.layers)
         pl_module.log("structure/budget", budget, on_step=False, on_epoch=True)
+        pl_module.log("structure/budget_target", self.target(), on_step=False, on_epoch=True)
         pl_module.log("structure/mean_width", mean_width, on_step=False, on_epoch=True)
 
 
