@@ -14,6 +14,7 @@ from torch import nn
 from structlab.budget import model_cost
 from structlab.layers import layer_class
 from structlab.surgery import replace_layers
+from structlab.tasks.structured import CONVERSION_KEYS
 
 STRUCTURED = ("svd", "tsvd", "gblr")
 # Deliberate differences from the constructor's defaults (none at present).
@@ -32,6 +33,8 @@ def test_every_layer_type_has_a_config() -> None:
 def test_keys_are_constructor_arguments_with_their_defaults(name: str) -> None:
     cfg = layer_cfg(name)
     assert cfg.pop("name") == name and cfg.pop("init") == "dense"
+    conversion = {k: cfg.pop(k) for k in CONVERSION_KEYS if k in cfg}  # read by the conversion, not the layer
+    assert conversion == (CONVERSION_KEYS if name == "svd" else {})
     params = inspect.signature(layer_class(name).__init__).parameters
     for key, value in cfg.items():
         assert key in params, f"{name}.yaml: {key} is not an argument of {layer_class(name).__name__}"
@@ -43,6 +46,10 @@ def test_keys_are_constructor_arguments_with_their_defaults(name: str) -> None:
 def test_config_builds_layers(name: str, init: str) -> None:
     cfg = layer_cfg(name)
     cfg.pop("name")
+    for (
+        key
+    ) in CONVERSION_KEYS:  # StructuredModule.convert's (compress_model's), see tests/tasks/test_finetune.py
+        cfg.pop(key, None)
     cfg["init"] = init
     if name == "gblr":
         cfg["fit_steps"] = 10  # the fit itself is tested in tests/layers/test_gblr.py

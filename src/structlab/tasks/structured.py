@@ -24,6 +24,8 @@ from structlab.optim import param_groups, warmup_cosine
 from structlab.surgery import apply_structure, export_model, model_structure, replace_layers
 
 log = logging.getLogger(__name__)
+# layer-config keys that say how dense weights become low-rank layers (compress_model), not the layer's shape
+CONVERSION_KEYS = {"method": "svd", "allocation": "uniform", "calib_samples": 256}
 
 
 def leading_dim(batch: Any) -> int:
@@ -176,7 +178,7 @@ class StructuredModule(L.LightningModule):
         name = cfg.pop("name")
         if name != "dense":
             before = sum(p.numel() for p in self.model.parameters())
-            data_aware = {k: cfg.pop(k) for k in ("method", "allocation", "calib_samples") if k in cfg}
+            data_aware = {k: cfg.pop(k) for k in CONVERSION_KEYS if k in cfg}
             if name == "svd" and cfg.get("init", "dense") == "dense" and cfg.get("rank") is None:
                 replaced = self._compress_to_svd({**cfg, **data_aware})
             elif (
