@@ -18,8 +18,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_summary(summary: dict[str, Any], output_dir: str | Path, console: Console | None = None) -> Path:
-    """Print `summary` (sections of key → value) as a table and save it as summary.json."""
+def write_summary(
+    summary: dict[str, Any],
+    output_dir: str | Path,
+    console: Console | None = None,
+    details: dict | None = None,
+) -> Path:
+    """Print `summary` (sections of key → value) as a table and save it, with `details` (too long to
+    print: the per-layer table, say), as summary.json."""
     table = Table(title=f"structlab run: {summary.get('run', {}).get('name', '')}", show_lines=False)
     table.add_column("", style="bold cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
@@ -29,5 +35,5 @@ def write_summary(summary: dict[str, Any], output_dir: str | Path, console: Cons
             table.add_row(f"  {key}", _fmt(value))
     (console or Console()).print(table)
     path = Path(output_dir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
+    path.write_text(json.dumps({**summary, **(details or {})}, indent=2, default=str))
     return path

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from structlab.budget import macs_per_sample, model_cost
 from structlab.callbacks import SpeedMonitor, WholeGlobalBatches
+from structlab.callbacks.monitor import structure_rows
 from structlab.config import batch_plan, print_config, save_config, world_size
 from structlab.runlock import RunLock
 from structlab.summary import write_summary
@@ -145,7 +146,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     summary = summarize(cfg, module, datamodule, trainer, results, tested, time.perf_counter() - start)
     if trainer.is_global_zero:
-        write_summary(summary, output_dir)
+        write_summary(summary, output_dir, details={"structured layers": structure_rows(module.model)})
     return summary
 
 

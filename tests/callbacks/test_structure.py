@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from structlab.budget import BudgetSchedule, model_cost
-from structlab.callbacks import GBLRBudget, SigmaAnneal, TernaryRequantize
+from structlab.callbacks import GBLRBudget, SigmaAnneal, StructureMonitor, TernaryRequantize
+from structlab.callbacks.monitor import block_layout
 from structlab.layers.gblr import GaudiGBLRLinear
 from structlab.layers.gblr_fit import floor_fraction
 from structlab.layers.tsvd import TernaryLinear
@@ -283,3 +284,46 @@ def test_callbacks_idle_without_their_layers(caplog) -> None:
         k for k, v in m.state_dict().items() if k.endswith((".u", ".v")) and not torch.equal(v, weights[k])
     ]
     assert changed == [] and math.isfinite(t.callback_metrics["train/loss"].item())
+
+
+def test_block_layout_counts_the_components_covering_each_cell() -> None:
+    layer = GaudiGBLRLinear(64, 32, components=4, budget=0.5)
+    with torch.no_grad():
+        layer.widths.zero_()
+        layer.locations.zero_()
+        layer.widths[:, 0] = 0.5  # rows 0-15, columns 0-31
+        layer.widths[:, 1] = torch.tensor([0.25, 1.0])  # rows 0-7, every column
+        layer._set_live()
+    cover = block_layout(layer)
+    expected = torch.zeros(32, 64)
+    expected[:16, :32] += 1
+    expected[:8, :] += 1
+    assert torch.equal(cover, expected)
+
+
+def test_monitor_logs_scalars_and_images_to_wandb_and_png(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    m = module({"name": "gblr", "budget": 0.5})
+    logger = WandbLogger(project="structlab-test", save_dir=str(tmp_path), offline=True)
+    monitor = StructureMonitor()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[monitor],
+                        default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.fit(m, DataLoader(data, batch_size=4))
+    logger.experiment.finish()
+    assert sorted(p.name for p in monitor.saved) == ["epoch000-budgets.png", "epoch000-gblr_layout.png"]
+    assert all(p.is_file() and p.stat().st_size > 1000 for p in monitor.saved)
+    metrics = trainer.callback_metrics
+    assert 0.45 < metrics["structure/macs_ratio"].item() <= 0.5
+    assert "structure/blocks.0.mlp.fc1/mean_width" in metrics
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    images = list((run_dir / "files" / "media" / "images").rglob("*.png"))
+    assert {p.name.split("_")[0] for p in images} >= {"budgets", "gblr"}  # structure/<key>_<step>_<hash>.png
+    records = next(run_dir.glob("run-*.wandb")).read_bytes()  # the offline run's history, to sync later
+    assert b"structure/blocks.0.attn.qkv/macs_ratio" in records and b"structure/macs_ratio" in records

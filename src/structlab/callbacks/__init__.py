@@ -3,6 +3,7 @@
 from structlab.callbacks.batches import WholeGlobalBatches
 from structlab.callbacks.consistency import CheckRankConsistency, RankDivergenceError
 from structlab.callbacks.guards import NonFiniteLossError, StopOnNonFiniteLoss
+from structlab.callbacks.monitor import StructureMonitor
 from structlab.callbacks.speed import SpeedMonitor
 from structlab.callbacks.structure import GBLRBudget, SigmaAnneal, TernaryRequantize
 
@@ -14,6 +15,7 @@ __all__ = [
     "SigmaAnneal",
     "SpeedMonitor",
     "StopOnNonFiniteLoss",
+    "StructureMonitor",
     "TernaryRequantize",
     "WholeGlobalBatches",
 ]
