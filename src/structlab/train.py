@@ -23,7 +23,7 @@ from structlab.callbacks.monitor import structure_rows
 from structlab.config import batch_plan, print_config, save_config, world_size
 from structlab.runlock import RunLock
 from structlab.summary import write_summary
-from structlab.tasks.structured import StructuredModule, take
+from structlab.tasks.structured import StructuredModule, load_dense, take
 
 log = logging.getLogger("structlab")
 # `import lightning` adds its own console handler; Hydra's root handlers (console + run.log) already
@@ -136,6 +136,10 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         tested = tested_checkpoint(trainer, datamodule, cfg.task.metric)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"] or None)
+        if cfg.get("init_from") and results:  # the dense model it started from, on the same test split
+            results[0].update(
+                {f"{k} (dense init_from)": v for k, v in test_dense(cfg, module, datamodule, trainer).items()}
+            )
     else:
         ckpt_path = Path(cfg.ckpt_path)
         if not ckpt_path.is_file():
@@ -148,6 +152,20 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_summary(summary, output_dir, details={"structured layers": structure_rows(module.model)})
     return summary
+
+
+def test_dense(
+    cfg: DictConfig, module: StructuredModule, datamodule: Any, trainer: L.Trainer
+) -> dict[str, float]:
+    """Test metrics of the dense weights `init_from` names, through the same trainer (not logged)."""
+    dense = type(module)(**{**module.hparams, "layer": {"name": "dense"}, "init_from": None})
+    load_dense(dense.model, cfg.init_from)
+    loggers, trainer.loggers = trainer.loggers, []  # the loggers keep the structured model's test metrics
+    try:
+        results = trainer.test(dense, datamodule=datamodule, verbose=False)
+    finally:
+        trainer.loggers = loggers
+    return {k: float(v) for k, v in results[0].items()}
 
 
 def tested_checkpoint(trainer: L.Trainer, datamodule: Any, metric: DictConfig) -> dict[str, str]:

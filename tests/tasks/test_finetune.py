@@ -18,7 +18,7 @@ LM = ("model=gpt2_tiny", "task=synthetic_text", "trainer.enable_progress_bar=fal
 def dense_checkpoint(tmp_path_factory) -> tuple[Path, float]:
     out = tmp_path_factory.mktemp("dense")
     summary = run(compose_train(*LM, "trainer.max_epochs=4", "run_name=dense", output_dir=out))
-    return out / "checkpoints" / "last.ckpt", summary["test"]["test/ppl"]
+    return Path(summary["outputs"]["checkpoint"]), summary["test"]["test/ppl"]  # the tested (best) one
 
 
 def test_finetune_from_dense_with_whitened_global_svd(dense_checkpoint, tmp_path) -> None:
@@ -30,6 +30,8 @@ def test_finetune_from_dense_with_whitened_global_svd(dense_checkpoint, tmp_path
         compose_train(*LM, *layer, "trainer.max_epochs=1", "run_name=scratch", output_dir=tmp_path / "s")
     )
     assert tuned["cost"]["budget (structured MACs / dense)"] <= 0.5
+    # the summary shows the dense checkpoint's test metric beside the structured model's
+    assert tuned["test"]["test/ppl (dense init_from)"] == pytest.approx(dense_ppl, rel=1e-5)
     # one epoch from the dense checkpoint is close to it; the same epoch from a random init is not
     assert tuned["test"]["test/ppl"] < 1.3 * dense_ppl < scratch["test"]["test/ppl"]
 
