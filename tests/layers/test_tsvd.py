@@ -134,3 +134,22 @@ def test_size_arguments_are_checked(kw: dict, message: str) -> None:
         with pytest.raises(ValueError, match=re.escape(message)):
             TernaryLinear.from_dense(nn.Linear(16, 12), **kw)
     assert make_layer("tsvd", 16, 12, tolerance=0.99, max_rank=1).rank == 1
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.25])
+def test_budget_caps_the_charged_cost(budget: float) -> None:
+    """layer.budget bounds the TSVD paper's count ⌈adds/2⌉ + mults by budget·mn, from dense and after QAT."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 64)
+    layer = TernaryLinear.from_dense(lin, tolerance=1e-3, budget=budget)
+    assert layer.macs_per_token() <= budget * 96 * 64
+    assert layer.macs_per_token() > 0.8 * budget * 96 * 64  # it spends the budget (the tolerance is far)
+    free = TernaryLinear.from_dense(lin, tolerance=1e-3, max_rank=layer.rank)
+    assert free.macs_per_token() >= layer.macs_per_token()
+    qat = TernaryLinear.from_dense(lin, tolerance=1e-3, budget=budget, qat=True)
+    with torch.no_grad():
+        qat.weight.add_(0.01 * torch.randn_like(qat.weight))
+    qat.redecompose()
+    assert qat.macs_per_token() <= budget * 96 * 64
+    with pytest.raises(ValueError, match="outside"):
+        TernaryLinear(96, 64, budget=1.5)

@@ -106,6 +106,7 @@ def ternary_decompose(
     refine: int = 3,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     prune_rate: float | None = None,
+    max_cost: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy ternary SVD of W (m×n): returns U (m×r), s (r), V (r×n), U and V in {−1, 0, +1}.
 
@@ -115,6 +116,8 @@ def ternary_decompose(
     `init` = (U0, V0) warm-starts from existing atoms (quantisation-aware training re-decomposes a
     slowly changing weight): their scales are refit to W and, with `prune_rate` η, atoms whose
     Frobenius contribution |s|·‖u‖‖v‖ is below tolerance·σ₁(W)/η are dropped before growing.
+    `max_cost` caps the cost the TSVD paper counts, ⌈(nnz(U) + nnz(V))/2⌉ + rank per token (an
+    addition is half a multiply-accumulate): the greedy loop takes no atom that would exceed it.
     Factors come back in W's dtype (float32 for half-precision inputs) on W's device.
     """
     if W.ndim != 2:
@@ -158,7 +161,12 @@ def ternary_decompose(
         if u0.shape[1] > 0:
             s = add(u0, v0)
 
-    while U.shape[1] < limit:
+    def cost(extra_adds: int = 0, extra_rank: int = 0) -> int:
+        adds = int((U != 0).sum()) + int((V != 0).sum()) + extra_adds
+        return (adds + 1) // 2 + U.shape[1] + extra_rank
+
+    full = False  # the cost cap is reached
+    while U.shape[1] < limit and not full:
         r = w - (U * s) @ V
         q, sv, vt = _top_pairs(r, min(stride, m))
         if sv[0] <= target:
@@ -169,6 +177,11 @@ def ternary_decompose(
             tu, tv = _refine_atom(r, q[:, j], vt[j], refine, cos_thresh)
             if not tu.any() or not tv.any():
                 continue
+            if max_cost is not None:
+                taken = sum(int((a != 0).sum()) + int((b != 0).sum()) for a, b in zip(tus, tvs, strict=True))
+                if cost(taken + int((tu != 0).sum()) + int((tv != 0).sum()), len(tus) + 1) > max_cost:
+                    full = True
+                    break
             tus.append(tu)
             tvs.append(tv)
             if j + 1 < k:  # deflate so the next atom of this batch fits what is left

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from structlab.budget import check_budget
 from structlab.compress.ternary import COS_THRESH, ternary_decompose
 from structlab.layers.base import StructuredLinear, dense_parts
 from structlab.layers.registry import register_layer
@@ -119,8 +120,12 @@ class TernaryLinear(StructuredLinear):
         steps: int = 20,
         refine: int = 3,
         prune_rate: float = 5.0,
+        budget: float | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias)
+        if budget is not None:
+            check_budget(budget)
+        self.budget = budget  # cap on the charged cost (macs_per_token) as a fraction of the dense MACs
         # No budget here: the size follows the tolerance (≥ 1 accepts W ≈ 0, i.e. rank 0 or 1) or the caps.
         if not 0 < tolerance < 1:
             raise ValueError(
@@ -155,6 +160,7 @@ class TernaryLinear(StructuredLinear):
             refine=self.refine,
             init=init,
             prune_rate=self.prune_rate if init is not None else None,
+            max_cost=None if self.budget is None else self.budget * self.in_features * self.out_features,
         )
 
     def _random_factors(self, r: int, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
