@@ -21,6 +21,12 @@ def test_experiments_are_found():
     assert EXPERIMENTS == [
         "cifar10/vit_s4-dense",
         "fashion_mnist/vit_p7-dense",
+        "fashion_mnist/vit_p7-gblr",
+        "fashion_mnist/vit_p7-gblr-ft",
+        "fashion_mnist/vit_p7-svd",
+        "fashion_mnist/vit_p7-svd-ft",
+        "fashion_mnist/vit_p7-tsvd",
+        "fashion_mnist/vit_p7-tsvd-ft",
         "imagenet/vit_b16-dense",
         "synthetic/vit_b16-dense",
         "text/gpt2_ft-dense",
@@ -34,7 +40,10 @@ def test_experiments_are_found():
 @pytest.mark.slow  # text/ recipes: tests/test_text_experiments.py (a small corpus and GPT-2 weights)
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not e.startswith("text/")])
 def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, imagefolder_dir):
-    cfg = compose_train(f"experiment={experiment}", output_dir=tmp_path)
+    init_from = []
+    if experiment.endswith("-ft"):  # fine-tune recipes start from dense weights: a fresh dense model's
+        init_from = [f"init_from={dense_weights(experiment, tmp_path / 'dense')}"]
+    cfg = compose_train(f"experiment={experiment}", *init_from, output_dir=tmp_path)
     data = {
         "fashion_mnist": fmnist_dir,
         "cifar10": cifar_dir,
@@ -43,6 +52,7 @@ def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, im
     }
     overrides = [
         f"experiment={experiment}",
+        *init_from,
         "debug=fdr",
         "trainer=cpu",
         "trainer.precision=32-true",
@@ -72,7 +82,24 @@ def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, im
     metric = cfg.task.metric.name
     assert {f"test/{metric}", "test/loss"} <= set(summary["test"])
     assert summary["test"]["test/loss"] > 0 and summary["cost"]["MACs per sample: as trained"] > 0
-    assert summary["cost"]["MACs per sample: dense"] == summary["cost"]["MACs per sample: deployed"]
+    if cfg.layer.name == "dense":
+        assert summary["cost"]["MACs per sample: dense"] == summary["cost"]["MACs per sample: deployed"]
+    else:  # the structured layers' MACs never above the budget
+        assert summary["cost"]["budget (structured MACs / dense)"] <= cfg.layer.budget + 0.005
+    if init_from:
+        assert f"test/{metric} (dense init_from)" in summary["test"]
+
+
+def dense_weights(experiment: str, folder: Path) -> Path:
+    """model.safetensors of the experiment's model, dense and freshly initialised (what init_from reads)."""
+    from safetensors.torch import save_model
+
+    from structlab.train import build
+
+    cfg = compose_train(f"experiment={experiment}", "init_from=null", "layer=dense", output_dir=folder)
+    folder.mkdir(parents=True)
+    save_model(build(cfg)[1].model, str(folder / "model.safetensors"))
+    return folder
 
 
 def test_default_config_is_the_offline_fashion_mnist_experiment():

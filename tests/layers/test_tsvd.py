@@ -153,3 +153,12 @@ def test_budget_caps_the_charged_cost(budget: float) -> None:
     assert qat.macs_per_token() <= budget * 96 * 64
     with pytest.raises(ValueError, match="outside"):
         TernaryLinear(96, 64, budget=1.5)
+
+
+def test_packing_round_trips_transposed_layouts() -> None:
+    """Factors and buffers may arrive as transposed views (V.T, a loaded state dict): still exact."""
+    t = torch.randint(-1, 2, (10, 6)).float().T
+    packed = pack_ternary(t)
+    assert packed.is_contiguous() and torch.equal(unpack_ternary(packed, 10, torch.float32), t)
+    transposed_layout = packed.T.contiguous().T
+    assert torch.equal(unpack_ternary(transposed_layout, 10, torch.float32), t)

@@ -32,14 +32,14 @@ def pack_ternary(t: torch.Tensor) -> torch.Tensor:
     rows, r = t.shape
     codes = (t > 0).to(torch.uint8) | ((t < 0).to(torch.uint8) << 1)
     codes = F.pad(codes, (0, (-r) % 4)).reshape(rows, -1, 4)  # reshape: t may be a transposed view
-    return codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+    return (codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)).contiguous()
 
 
 def unpack_ternary(packed: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `pack_ternary`: (rows × ⌈r/4⌉) uint8 → (rows × r) values in `dtype`."""
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(-1) >> shifts) & 3
-    codes = codes.view(packed.shape[0], -1)[:, :r]
+    codes = codes.reshape(packed.shape[0], -1)[:, :r]  # reshape: elementwise ops keep a transposed layout
     return (codes & 1).to(dtype) - (codes >> 1).to(dtype)
 
 
