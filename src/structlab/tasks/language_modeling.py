@@ -29,9 +29,11 @@ class LanguageModelingModule(StructuredModule):
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
 
     def setup(self, stage: str) -> None:
+        asked = getattr(self.trainer.datamodule, "tokenizer_name", None)
         used = getattr(self.trainer.datamodule, "tokenizer_used", None)
         pretrained = self.model_cfg.get("pretrained")
-        if pretrained and used is not None and used != "gpt2":  # ids of another tokenizer: garbage in
+        # GPT-2's tokenizer asked for but the BPE fallback used: ids the pretrained weights never saw
+        if pretrained and asked == "gpt2" and used is not None and used != "gpt2":
             raise ValueError(
                 f"model.pretrained={pretrained} expects GPT-2's token ids, but the text was tokenised with a "
                 f"{used} (GPT-2's tokenizer could not be loaded: offline?). Put GPT-2's tokenizer in the HF "
