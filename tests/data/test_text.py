@@ -72,7 +72,9 @@ def test_bpe_tokens_are_cached_and_packed_into_windows(corpus, tmp_path):
     assert all(np.array_equal(again.tokens[s], dm.tokens[s]) for s in ("train", "val", "test"))
 
 
-def test_gpt2_tokenizer_falls_back_to_bpe_offline(corpus, tmp_path, monkeypatch, caplog):
+@pytest.fixture
+def no_gpt2_tokenizer(monkeypatch) -> None:
+    """The hub offline, and GPT-2's tokenizer not cached (else skip: there is no fallback to test)."""
     import huggingface_hub.constants
     from transformers import AutoTokenizer
 
@@ -83,6 +85,9 @@ def test_gpt2_tokenizer_falls_back_to_bpe_offline(corpus, tmp_path, monkeypatch,
         pytest.skip("GPT-2's tokenizer is cached here: no fallback to test")
     except OSError:
         pass
+
+
+def test_gpt2_tokenizer_falls_back_to_bpe_offline(corpus, tmp_path, no_gpt2_tokenizer, caplog):
     dm = files_module(corpus, tmp_path, tokenizer="gpt2")
     with caplog.at_level("WARNING"):
         dm.setup()
@@ -158,18 +163,9 @@ def test_task_text_runs_through_run_py(corpus, tmp_path):
     )
 
 
-def test_pretrained_weights_refuse_the_bpe_fallback(corpus, tmp_path, monkeypatch):
+def test_pretrained_weights_refuse_the_bpe_fallback(corpus, tmp_path, no_gpt2_tokenizer):
     """GPT-2's weights read GPT-2's token ids: text tokenised by the fallback BPE would be garbage to them."""
-    import huggingface_hub.constants
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    try:
-        AutoTokenizer.from_pretrained("gpt2")
-        pytest.skip("GPT-2's tokenizer is cached here: no fallback to refuse")
-    except OSError:
-        pass
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(
         GPT2Config(vocab_size=512, n_positions=16, n_embd=16, n_layer=1, n_head=2)
