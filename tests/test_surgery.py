@@ -223,3 +223,24 @@ def test_shared_storage_counts_as_tied() -> None:
     with pytest.raises(ValueError, match=r"0\.weight is tied to 1\.weight"):
         replace_layers(model, "svd", ["0"], rank=2)
     assert list(replace_layers(model, "svd", ["2"], rank=2)) == ["2"]
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_structures_planned_in_parallel_equal_one_layer_at_a_time(kind: str) -> None:
+    """replace_layers plans every gblr layer's block structure at once in host threads (one intra-op
+    thread each, restored after); the layers equal `from_dense` of each module alone, bit for bit."""
+    build, targets, _, _ = MODELS[kind]
+    model, alone = build(), build()
+    threads = torch.get_num_threads()
+    replace_layers(model, "gblr", targets, budget=0.3, fit_steps=3)
+    assert torch.get_num_threads() == threads
+    for name in find_targets(alone, targets):
+        alone.set_submodule(
+            name, LAYERS["gblr"].from_dense(alone.get_submodule(name), budget=0.3, fit_steps=3)
+        )
+    ours, theirs = model.state_dict(), alone.state_dict()
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, different
+    widths = [model.get_submodule(n).widths for n in find_targets(alone, targets)]
+    assert any(((w > 0) & (w < 1)).any() for w in widths), "no block component: the plan went unused"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,25 +84,59 @@ def replace_layers(
             f"(exclude {list(_as_list(exclude))}); linear modules are e.g. {linear[:6]}"
         )
     _check_ties(model, names, untie)
+    args = {name: {**kw, **(per_layer or {}).get(name, {})} for name in names}
+    plans = _plan_all(model, cls, names, args, progress) if init == "dense" else {}
     replaced: dict[str, dict[str, Any]] = {}
-    steps = names
-    if progress:
-        from rich.progress import track
-
-        steps = track(names, description=f"converting to {layer}", transient=True)
-    for name in steps:  # names were snapshotted above, so replacing while iterating is safe
+    for name in _track(names, progress, f"converting to {layer}"):  # a snapshot: safe to replace in the loop
         old = model.get_submodule(name)
-        args = {**kw, **(per_layer or {}).get(name, {})}
         weight, bias = dense_parts(old)
-        if init == "dense":
-            new = cls.from_dense(old, **args)
+        if name in plans:
+            new = cls.from_dense(old, plan=plans[name], **args[name])
+        elif init == "dense":
+            new = cls.from_dense(old, **args[name])
         else:
-            new = cls(weight.shape[1], weight.shape[0], bias=bias is not None, **args)
+            new = cls(weight.shape[1], weight.shape[0], bias=bias is not None, **args[name])
             new.to(device=weight.device, dtype=weight.dtype)
         model.set_submodule(name, new)
         replaced[name] = {"layer": layer, **new.structure()}
     log.info("replaced %d modules with %s layers: %s", len(names), layer, ", ".join(names))
     return replaced
+
+
+def _track(items: Iterable[Any], progress: bool, description: str, total: int | None = None) -> Iterable[Any]:
+    if not progress:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, total=total, transient=True)
+
+
+def _plan_all(
+    model: nn.Module,
+    cls: type[StructuredLinear],
+    names: list[str],
+    args: dict[str, dict[str, Any]],
+    progress: bool,
+) -> dict[str, Any]:
+    """`cls.plan_from_dense` for every target at once, in one host thread per core (its LAPACK calls
+    release the GIL), each with one intra-op thread: nested thread teams would oversubscribe the
+    cores. {} when the layer type plans nothing."""
+    if cls.plan_from_dense.__func__ is StructuredLinear.plan_from_dense.__func__:
+        return {}
+
+    def plan(name: str) -> Any:
+        torch.set_num_threads(1)  # this thread's OpenMP team (the process-wide settings are set below)
+        weight = dense_parts(model.get_submodule(name))[0].detach()
+        return cls.plan_from_dense(weight.float().cpu(), **args[name])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(len(names), len(os.sched_getaffinity(0)))) as pool:
+            plans = list(_track(pool.map(plan, names), progress, f"planning {cls.layer_name}", len(names)))
+    finally:
+        torch.set_num_threads(threads)
+    return dict(zip(names, plans, strict=True))
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -61,19 +61,27 @@ class StructuredLinear(nn.Module):
 
     # --- construction -------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, module: nn.Module, **kw: Any) -> StructuredLinear:
-        """Build a layer of this type that approximates `module` (nn.Linear or HF Conv1D)."""
+    def plan_from_dense(cls, weight: torch.Tensor, **kw: Any) -> Any:
+        """The part of `from_dense` that needs only the (host, float32) weight and the layer's keyword
+        arguments, such as a structure search, or None when there is none. `replace_layers` runs it for
+        every target at once in host threads and hands each result to `from_dense(module, plan=...)`."""
+        return None
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, plan: Any = None, **kw: Any) -> StructuredLinear:
+        """Build a layer of this type that approximates `module` (nn.Linear or HF Conv1D); `plan` is
+        what `plan_from_dense` returned for its weight and `kw` (computed here when None)."""
         weight, bias = dense_parts(module)
         weight = weight.detach()
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, **kw)
         layer.to(device=weight.device)
         with torch.no_grad():
-            layer._init_from_dense(weight.float())
+            layer._init_from_dense(weight.float(), plan)
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer.to(dtype=weight.dtype)
 
-    def _init_from_dense(self, weight: torch.Tensor) -> None:
+    def _init_from_dense(self, weight: torch.Tensor, plan: Any = None) -> None:
         raise NotImplementedError
 
     def reset_bias(self) -> None:

@@ -20,7 +20,7 @@ class DenseLinear(StructuredLinear):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
         self.reset_bias()
 
-    def _init_from_dense(self, weight: torch.Tensor) -> None:
+    def _init_from_dense(self, weight: torch.Tensor, plan: None = None) -> None:
         self.weight.copy_(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

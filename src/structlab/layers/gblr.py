@@ -25,7 +25,7 @@ from structlab.layers.base import StructuredLinear, compute_dtype, set_optim
 from structlab.layers.gaudi import _GaudiMasks, _grid, _ste_round, gaudi_mask
 from structlab.layers.gblr_box import BoxGBLRLinear
 from structlab.layers.gblr_export import GBLRInference
-from structlab.layers.gblr_fit import _rounded_macs, fit_to_dense, project_widths
+from structlab.layers.gblr_fit import BlockPlan, _rounded_macs, fit_to_dense, plan_blocks, project_widths
 from structlab.layers.registry import register_layer
 
 __all__ = ["GBLRInference", "GaudiGBLRLinear", "fit_to_dense", "gaudi_mask", "project_widths"]
@@ -166,8 +166,15 @@ class GaudiGBLRLinear(StructuredLinear):
                 self.U[:, ~full] *= math.sqrt(alpha)
                 self.V[:, ~full] *= math.sqrt(alpha)
 
-    def _init_from_dense(self, weight: torch.Tensor) -> None:
-        fit_to_dense(self, weight.contiguous(), self.budget, steps=self.fit_steps)
+    @classmethod
+    def plan_from_dense(cls, weight: torch.Tensor, **kw: Any) -> BlockPlan:
+        """The block structure `from_dense` starts its fit from (`plan_blocks`): host work only."""
+        with torch.device("meta"):  # only the resolved settings are needed, not the parameters
+            shell = cls(weight.shape[1], weight.shape[0], _scratch=False, **kw)
+        return plan_blocks(weight, shell.budget, shell.rank_per_component, shell.components)
+
+    def _init_from_dense(self, weight: torch.Tensor, plan: BlockPlan | None = None) -> None:
+        fit_to_dense(self, weight.contiguous(), self.budget, steps=self.fit_steps, plan=plan)
 
     # --- compute ------------------------------------------------------------------------------
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -217,13 +215,6 @@ def budget_and_mean_width(layers: Sequence[GaudiGBLRLinear]) -> tuple[float, flo
 
 
 # --- the fit to a dense weight -------------------------------------------------------------------
-def _share_workers() -> int:
-    """Threads for the share search: one per share where there are cores for it."""
-    return int(os.environ.get("STRUCTLAB_GBLR_INIT_THREADS", 0)) or max(
-        1, min(len(SHARES), os.cpu_count() or 1)
-    )
-
-
 def _bounds(size: int, parts: int) -> list[int]:
     return [round(i * size / parts) for i in range(parts + 1)]
 
@@ -316,23 +307,46 @@ def _best_for_share(
 SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
+class BlockPlan(NamedTuple):
+    """The structure the block init chose for a weight: its relative error², the number of full-width
+    components (the top singular directions), the tile grid and the (tile row, tile column, singular
+    group) of each block component."""
+
+    err2: float
+    full: int
+    grid: int
+    picks: list[tuple[int, int, int]]
+
+
+def _thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(w, full_matrices=False)
+
+
 @torch.no_grad()
-def _block_init(layer: GaudiGBLRLinear, w: torch.Tensor, budget: float) -> float:
-    """Deterministic structure for `w` at `budget`: a share of the budget to the top singular
-    directions (full-width components), the rest greedily to the best rank-r blocks of the residual on
-    a g×g tile grid (largest captured energy per MAC first). Tries shares 1, ¾, ½, ¼, 0 and several
-    grids, installs the best; share 1 is the truncated SVD, so this never loses to plain low rank.
-    The shares are searched in parallel threads (LAPACK releases the GIL). Returns the relative
-    Frobenius error."""
-    m, n, r, k = layer.out_features, layer.in_features, layer.rank_per_component, layer.components
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    with ThreadPoolExecutor(_share_workers()) as pool:
-        results = list(pool.map(lambda share: _best_for_share(w, (u, s, vh), share, budget, r, k), SHARES))
-    best = min(results, key=lambda t: t[0])  # the first of equals, as a sequential search keeps
-    err2, k1, grid, picks = best
+def plan_blocks(w: torch.Tensor, budget: float, r: int, k: int, svd: tuple | None = None) -> BlockPlan:
+    """Deterministic structure for `w` (m×n, on the host) at `budget` with k components of rank r: a
+    share of the budget to the top singular directions (full-width components), the rest greedily to
+    the best rank-r blocks of the residual on a g×g tile grid (largest captured energy per MAC first).
+    Tries shares 1, ¾, ½, ¼, 0 and several grids and returns the best; share 1 is the truncated SVD,
+    so this never loses to plain low rank. A pure function of the weight: `replace_layers` plans
+    many layers at once in threads (LAPACK releases the GIL)."""
+    svd = _thin_svd(w) if svd is None else svd
+    results = [_best_for_share(w, svd, share, budget, r, k) for share in SHARES]
+    return BlockPlan(*min(results, key=lambda t: t[0]))  # the first of equals
+
+
+@torch.no_grad()
+def install_blocks(
+    layer: GaudiGBLRLinear, w: torch.Tensor, plan: BlockPlan, svd: tuple | None = None
+) -> float:
+    """Set `layer`'s widths, locations and factors (on the host, like `w`) to `plan`: each full-width
+    component takes r top singular pairs of `w`, each block component r singular pairs of its tile of
+    the residual (√σ split), unused components tiny noise. Returns the relative Frobenius error."""
+    m, n, r = layer.out_features, layer.in_features, layer.rank_per_component
+    u, s, vh = _thin_svd(w) if svd is None else svd
+    k1, grid, picks = plan.full, plan.grid, plan.picks
     layer.widths.zero_()
     layer.locations.zero_()
-    # top pairs for the first k1 components, tiny noise after
     layer._init_factors(w, match_norm=False, svd=(u, s, vh))
     layer.widths[:, :k1] = 1.0
     if picks:
@@ -357,7 +371,17 @@ def _block_init(layer: GaudiGBLRLinear, w: torch.Tensor, budget: float) -> float
         shape = torch.tensor(shape, dtype=torch.float64).T.to(layer.widths)
         layer.widths[:, k1 : k1 + len(picks)] = shape[:2]
         layer.locations[:, k1 : k1 + len(picks)] = shape[2:]
-    return math.sqrt(err2)
+    return math.sqrt(plan.err2)
+
+
+def _block_init(
+    layer: GaudiGBLRLinear, w: torch.Tensor, budget: float, plan: BlockPlan | None = None
+) -> float:
+    """`plan_blocks` (unless given) then `install_blocks` on the host, one SVD of `w` for both."""
+    svd = _thin_svd(w)
+    if plan is None:
+        plan = plan_blocks(w, budget, layer.rank_per_component, layer.components, svd)
+    return install_blocks(layer, w, plan, svd)
 
 
 def fit_to_dense(
@@ -367,10 +391,12 @@ def fit_to_dense(
     steps: int = 300,
     lr_factors: float = 0.005,
     lr_structure: float = 0.005,
+    plan: BlockPlan | None = None,
 ) -> float:
     """Fit structure and factors of `layer` to `weight` (Frobenius) under `budget`: the block init
-    above, then `steps` Adam steps on factors, widths and locations with the widths projected onto
-    the budget after every step; the best iterate is kept. Returns the relative error.
+    above (from `plan` when the caller planned it already), then `steps` Adam steps on factors,
+    widths and locations with the widths projected onto the budget after every step; the best
+    iterate is kept. Returns the relative error.
 
     The step loop never reads a value back to the host (the best iterate is tracked on the device,
     the projection runs there), so on a GPU it runs at the speed of its kernels."""
@@ -379,7 +405,7 @@ def fit_to_dense(
     # The block init runs on the host wherever the layer lives: its hundreds of small SVDs take LAPACK
     # 2.5 s per ViT-B layer on 2 cores, cuSOLVER (one matrix of a batch at a time) 5.4 s on an H100.
     device = layer.U.device
-    best_err = _block_init(layer.cpu(), w.cpu(), budget)
+    best_err = _block_init(layer.cpu(), w.cpu(), budget, plan)
     layer.to(device)
     if steps <= 0:
         layer._set_live()

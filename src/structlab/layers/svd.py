@@ -64,7 +64,7 @@ class LowRankLinear(StructuredLinear):
             self._init_from_dense(w)
         self.reset_bias()
 
-    def _init_from_dense(self, weight: torch.Tensor) -> None:
+    def _init_from_dense(self, weight: torch.Tensor, plan: None = None) -> None:
         a, b = plain_svd(weight, self.rank)
         self.A.copy_(a)
         self.B.copy_(b)

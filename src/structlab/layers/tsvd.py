@@ -213,7 +213,7 @@ class TernaryLinear(StructuredLinear):
                 layer.bias.copy_(bias.detach())
         return layer.to(dtype=weight.dtype)
 
-    def _init_from_dense(self, weight: torch.Tensor) -> None:
+    def _init_from_dense(self, weight: torch.Tensor, plan: None = None) -> None:
         if self.qat:
             self.weight.copy_(weight)
         self._set_factors(*self._decompose(weight))
