@@ -1,7 +1,9 @@
 """Prefill and decode speed of GPT-2 (HF transformers), dense and compressed, in one process.
 
-Every model is measured in the same run on the same GPU: prefill tokens/s (batch × seq tokens in one
-forward, no KV cache), decode tokens/s (greedy generation with the KV cache), weight bytes and peak
+Every model is measured in the same run on the same GPU: prefill tokens/s (batch × seq prompt tokens
+in one forward as `generate` runs it: the KV cache filled, logits of the last position only), the
+full-logits forward tokens/s (the training / perplexity forward: every position's 50k logits, no
+cache), decode tokens/s (greedy generation with the KV cache), weight bytes and peak
 memory. Compressed = `compress_model` at `--ratio` of the block linears' parameters removed, uniform
 ranks (the ranks, hence the speed, are the same for svd, asvd, whitened_svd and falor); int8 rows use
 torchao on the compressed factors or on the dense block linears. Random weights (speed only).
@@ -33,9 +35,13 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace) -> dic
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     prompt = ids[:, : args.prompt]
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, mode=args.compile) if args.compile else model
 
-    def prefill() -> None:
+    def prefill() -> None:  # what generate runs before its first token
+        with torch.no_grad():
+            forward(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    def full_forward() -> None:
         with torch.no_grad():
             forward(input_ids=ids, use_cache=False)
 
@@ -48,10 +54,12 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace) -> dic
     torch.cuda.reset_peak_memory_stats()
     prefill_ms = median_ms(prefill, warmup=3, iters=args.repeats)
     peak = torch.cuda.max_memory_allocated()
+    full_ms = median_ms(full_forward, warmup=3, iters=args.repeats)
     decode_ms = median_ms(decode, warmup=1, iters=max(3, args.repeats // 3))
     row = {
         "model": label,
         "prefill tok/s": args.batch * args.seq / prefill_ms * 1e3,
+        "full forward tok/s": args.batch * args.seq / full_ms * 1e3,
         "decode tok/s": args.batch * args.new / decode_ms * 1e3,
         "weights MB": stored_bytes(model) / 2**20,
         "peak MB (prefill)": peak / 2**20,
@@ -72,15 +80,23 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128, help="decode: prompt tokens")
     p.add_argument("--new", type=int, default=128, help="decode: generated tokens")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--compile", action="store_true", help="torch.compile the prefill forward")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="torch.compile the prefill and full forwards (mode: default, max-autotune, ...)",
+    )
+    p.add_argument("--rank-multiple", type=int, default=8, help="ranks rounded down to a multiple")
     p.add_argument("--no-int8", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, bf16, prefill {args.batch}×{args.seq}, decode {args.batch}×"
-          f"({args.prompt} + {args.new}), {'compiled' if args.compile else 'eager'}", flush=True)  # fmt: skip
+          f"({args.prompt} + {args.new}), {f'compiled ({args.compile})' if args.compile else 'eager'}", flush=True)  # fmt: skip
     dense = build_model(args.model).to("cuda", torch.bfloat16)
     small = copy.deepcopy(dense)
-    report = compress_model(small, "svd", args.ratio, targets=TARGETS)
+    report = compress_model(small, "svd", args.ratio, targets=TARGETS, rank_multiple=args.rank_multiple)
     print(f"compressed: {report.achieved_ratio:.3f} of the block linears' parameters removed", flush=True)
     rows = [measure("dense", dense, args), measure(f"compressed {args.ratio:.0%}", small, args)]
     if not args.no_int8:
@@ -91,13 +107,17 @@ def main() -> None:
                 quantize_model(q, scheme, names)
                 rows.append(measure(f"{label} + {scheme}", q, args))
     base = rows[0]
-    print("\n| model | prefill tok/s | × dense | decode tok/s | × dense | weights MB | peak MB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    speeds = ("prefill tok/s", "full forward tok/s", "decode tok/s")
+    print(
+        "\n| model | " + " | ".join(f"{k} | × dense" for k in speeds) + " | weights MB | peak MB (prefill) |"
+    )
+    print("| --- " * (2 * len(speeds) + 3) + "|")
     for r in rows:
+        cells = [f"{r[k]:,.0f} | {r[k] / base[k]:.2f}" for k in speeds]
         print(
-            f"| {r['model']} | {r['prefill tok/s']:,.0f} | {r['prefill tok/s'] / base['prefill tok/s']:.2f} | "
-            f"{r['decode tok/s']:,.0f} | {r['decode tok/s'] / base['decode tok/s']:.2f} | "
-            f"{r['weights MB']:,.0f} | {r['peak MB (prefill)']:,.0f} |"
+            f"| {r['model']} | "
+            + " | ".join(cells)
+            + f" | {r['weights MB']:,.0f} | {r['peak MB (prefill)']:,.0f} |"
         )
 
 
