@@ -10,6 +10,10 @@ structured layers and the model's MACs per sample.
     python scripts/compare.py                                   # Fashion-MNIST ViT, β ∈ {0.15, 0.3}
     python scripts/compare.py --finetune --budgets 0.15 0.25 0.4 --layers svd tsvd gblr
     python scripts/compare.py --extra trainer.max_epochs=2      # any run.py override for every run
+    python scripts/compare.py --finetune --layers svd svd:plain:layer.method=svd,layer.allocation=uniform
+
+A layer is `LAYER` or `LAYER:LABEL:OVERRIDES` (comma-separated run.py overrides for that layer's
+runs only), so one layer type can appear with several settings, each its own line in the table.
 """
 
 from __future__ import annotations
@@ -35,6 +39,18 @@ def run_point(name: str, experiment: str, overrides: list[str], log_dir: Path) -
     else:
         print(f"done already: {name}", flush=True)
     return json.loads(summary.read_text())
+
+
+def parse_layer(spec: str) -> tuple[str, str, list[str]]:
+    """(layer type, label, overrides) of `LAYER` or `LAYER:LABEL:OVERRIDE,OVERRIDE,...`."""
+    parts = spec.split(":", 2)
+    if len(parts) == 1:
+        return spec, spec, []
+    if len(parts) != 3 or not parts[1]:
+        raise SystemExit(
+            f"--layers {spec!r}: expected LAYER or LAYER:LABEL:OVERRIDES (e.g. svd:plain:layer.method=svd)"
+        )
+    return parts[0], f"{parts[0]}-{parts[1]}", [o for o in parts[2].split(",") if o]
 
 
 def row(layer: str, budget: float | None, summary: dict, metric: str) -> dict:
@@ -100,12 +116,12 @@ def main() -> None:
     rows = [row("dense", None, dense, args.metric)]
     start = [f"init_from={dense['outputs']['checkpoint']}"] if args.finetune else []
     kind = "-ft" if args.finetune else ""
-    for layer in args.layers:
+    for layer, label, own in map(parse_layer, args.layers):
         for budget in args.budgets:
-            name = f"{prefix}-{layer}{kind}-{budget}"
-            overrides = [*start, f"layer.budget={budget}", *args.extra]
+            name = f"{prefix}-{label}{kind}-{budget}"
+            overrides = [*start, f"layer.budget={budget}", *own, *args.extra]
             summary = run_point(name, f"{args.task}/{args.model}-{layer}{kind}", overrides, args.log_dir)
-            rows.append(row(layer + kind, budget, summary, args.metric))
+            rows.append(row(label + kind, budget, summary, args.metric))
     write_outputs(rows, args.metric, args.out or args.log_dir / f"{prefix}{kind}")
 
 

@@ -40,3 +40,18 @@ def test_compare_trains_once_and_writes_table_and_plot(fmnist_dir, tmp_path) -> 
     assert tuned["layer"] == "svd-ft" and float(tuned["dense init"]) == pytest.approx(
         float(rows[0]["test/acc"])
     )
+
+
+def test_layer_variants_parse_into_type_label_and_overrides() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "compare.py")
+    compare_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_script)
+    parse = compare_script.parse_layer
+    assert parse("gblr") == ("gblr", "gblr", [])
+    assert parse("svd:plain:layer.method=svd,layer.allocation=uniform") == (
+        "svd", "svd-plain", ["layer.method=svd", "layer.allocation=uniform"]
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="LAYER:LABEL:OVERRIDES"):
+        parse("svd:layer.method=svd")
