@@ -17,9 +17,17 @@ def run_id(run_name: str, output_dir: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)[:120]}-{digest}"
 
 
+def required(key: str) -> Any:
+    """`key: ${structlab.required:key}` in an experiment: a value the command line must give. (`???`
+    cannot say it: merged over the root config's default it leaves that default in place.)"""
+    raise ValueError(f"this experiment needs {key}=... on the command line (its file's header says what)")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("structlab.run_id"):
         OmegaConf.register_new_resolver("structlab.run_id", run_id)
+    if not OmegaConf.has_resolver("structlab.required"):
+        OmegaConf.register_new_resolver("structlab.required", required)
 
 
 def print_config(cfg: DictConfig, order: tuple[str, ...] = ("model", "layer", "task", "trainer")) -> None:
