@@ -73,6 +73,32 @@ def test_run_writes_config_checkpoints_metrics_and_summary(trained):
     assert cost["MACs per sample: dense"] == cost["MACs per sample: deployed"] == macs
 
 
+def shapes(structure: dict) -> list[tuple[int, int]]:
+    """(in, out) of the default ViT's block linears, by name."""
+    d, h = 96, 192
+    kinds = {"attn.qkv": (d, 3 * d), "attn.proj": (d, d), "mlp.fc1": (d, h), "mlp.fc2": (h, d)}
+    return [kinds[name.split(".", 2)[2]] for name in structure]
+
+
+def test_default_run_also_reports_its_model_compressed(trained):
+    """The default experiment compresses the tested weights to β = 0.3 without training (whitened SVD,
+    global ranks) and reports accuracy, parameters and MACs beside the dense ones."""
+    summary = json.loads((trained / "summary.json").read_text())
+    c, cost = summary["compression"], summary["cost"]
+    assert c["method"] == "whitened_svd" and c["allocation"] == "global"
+    assert 0.29 <= c["budget reached (MACs / dense)"] <= 0.3
+    assert cost["budget (structured MACs / dense): compressed"] == c["budget reached (MACs / dense)"]
+    before, after = (int(v.replace(",", "")) for v in c["parameters of the targets"].split(" → "))
+    assert before == 294_912 and cost["parameters: compressed"] == 306_826 - before + after
+    assert 0.0 < summary["test"]["test/acc compressed"] <= 1.0
+    structure = json.loads((trained / "compressed" / "structure.json").read_text())
+    assert len(structure) == 16 and {v["layer"] for v in structure.values()} == {"svd"}
+    assert (
+        sum(v["rank"] * (f + o) for v, (f, o) in zip(structure.values(), shapes(structure), strict=True))
+        == after
+    )
+
+
 def test_resume_continues_from_last_checkpoint(trained, fmnist_dir):
     logs = trained.parents[1]
     again = run_cli(*common(fmnist_dir, logs), "run_name=base")  # without resume=true: refuse, lose nothing

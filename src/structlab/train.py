@@ -93,6 +93,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
     if cfg.mode == "eval" and not cfg.get("ckpt_path"):
         raise ValueError("mode=eval needs ckpt_path=<path to a .ckpt>")
+    if cfg.mode == "compress":
+        from structlab.compress.mode import check_compressible
+
+        check_compressible(cfg)  # before anything is built or written
     output_dir = Path(cfg.paths.output_dir)
     # global rank 0 holds the run directory for the whole job (the other ranks are part of it)
     lock = RunLock(output_dir, force=cfg.get("force", False)) if rank_zero_only.rank == 0 else nullcontext()
@@ -149,9 +153,43 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         results = trainer.test(module, datamodule=datamodule)
 
     summary = summarize(cfg, module, datamodule, trainer, results, tested, time.perf_counter() - start)
+    if cfg.mode == "train" and cfg.compress.after_training and cfg.layer.name == "dense" and results:
+        compress_trained(cfg, datamodule, module, trainer, summary, tested)
     if trainer.is_global_zero:
         write_summary(summary, output_dir, details={"structured layers": structure_rows(module.model)})
     return summary
+
+
+def compress_trained(
+    cfg: DictConfig,
+    datamodule: Any,
+    module: StructuredModule,
+    trainer: L.Trainer,
+    summary: dict,
+    tested: dict,
+) -> None:
+    """`compress.after_training`: the tested weights compressed as mode=compress does, without more
+    training; its section, test metric and costs join the run's summary beside the dense ones."""
+    from structlab.compress.mode import compress_run
+
+    metric = f"test/{cfg.task.metric.name}"
+    trained = (f"{tested['which']} of this run", summary["test"][metric])
+
+    def costs() -> dict[str, Any]:
+        return cost_rows(module, module.model_inputs(example_batch(datamodule, module)))
+
+    sections, _ = compress_run(cfg, datamodule, module, trainer, costs, trained)
+    summary["compression"] = sections["compression"]
+    summary["test"][f"{metric} compressed"] = sections["test"][f"{metric} compressed"]
+    compressed = sections["cost"]
+    summary["cost"].update(
+        {
+            "parameters: compressed": compressed["parameters: as trained"],
+            "MACs per sample: compressed": compressed["MACs per sample: as trained"],
+            "budget (structured MACs / dense): compressed": compressed["budget (structured MACs / dense)"],
+        }
+    )
+    summary["outputs"]["compressed model"] = sections["outputs"]["compressed model"]
 
 
 def test_dense(

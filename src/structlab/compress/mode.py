@@ -1,4 +1,5 @@
-"""`python run.py mode=compress ...`: compress a trained model without training and report it.
+"""`python run.py mode=compress ...`: compress a trained model without training and report it (also
+what a training run with `compress.after_training=true` does with the model it just trained).
 
 The task's test metric (perplexity for language models) before and after, on the task's own test
 loader and precision; calibration from the train split (disjoint from evaluation); the compressed
@@ -50,18 +51,30 @@ def calibration_inputs(cfg: DictConfig, datamodule: Any, module: StructuredModul
     return module.calibration_inputs(datamodule, cfg.calib.samples, cfg.calib.seq_len, cfg.calib.seed)
 
 
+def check_compressible(cfg: DictConfig) -> None:
+    """Compression (mode=compress, or compress.after_training) starts from a dense model."""
+    if cfg.layer.name != "dense":
+        raise ValueError(
+            f"compression takes its method from compress.method and starts from dense layers; "
+            f"leave layer=dense (got layer={cfg.layer.name})"
+        )
+
+
 def compress_run(
-    cfg: DictConfig, datamodule: Any, module: StructuredModule, trainer: L.Trainer, costs: Callable[[], dict]
+    cfg: DictConfig,
+    datamodule: Any,
+    module: StructuredModule,
+    trainer: L.Trainer,
+    costs: Callable[[], dict],
+    trained: tuple[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate, compress, save, evaluate again (and int8). Returns (summary sections, the report);
-    `costs()` gives the cost rows of the compressed model (taken before int8)."""
-    if module.layer_cfg["name"] != "dense":
-        raise ValueError(
-            f"mode=compress takes its method from compress.method; leave layer=dense (got layer={module.layer_cfg['name']})"
-        )
+    `costs()` gives the cost rows of the compressed model (taken before int8). `trained`: the
+    weights are already in `module` (a run that just trained them): (their source, their test metric)."""
+    check_compressible(cfg)
     c = cfg.compress
     update = bool(c["update"])  # update would be the mapping's update() method
-    source = load_weights(cfg, module)
+    source = load_weights(cfg, module) if trained is None else trained[0]
     device = trainer.strategy.root_device
     module.to(device)
     metric = f"test/{cfg.task.metric.name}"
@@ -70,7 +83,7 @@ def compress_run(
         results = trainer.test(module, datamodule=datamodule, verbose=False)
         return float(results[0][metric])
 
-    before = evaluate()
+    before = evaluate() if trained is None else trained[1]
     module.to(device)  # trainer.test hands the module back on the CPU
     size = {"weights MB: dense": stored_bytes(module.model) / 2**20}
     needs_data = c.method in NEEDS_CALIBRATION or update
