@@ -14,6 +14,7 @@ import pytest
 import torch
 from support import ROOT, run_cli, spawn_cli
 
+from structlab.budget import BudgetSchedule
 from structlab.config import run_id
 
 pytestmark = pytest.mark.slow
@@ -246,13 +247,20 @@ def test_global_batch_rule_gives_one_schedule_on_one_and_two_processes(fmnist_di
 def test_kill_a_two_process_gblr_run_and_resume_on_one_and_two(fmnist_dir, tmp_path):
     """A 2-process gblr run killed mid-epoch (SIGKILL, no clean-up) resumes from the periodic
     last.ckpt on 1 process and on 2: the step count continues, the structure and the global batch
-    are the same, the loss carries on from where it was, and the 2-process resume ends with every
-    rank's parameters (widths and locations included) identical."""
+    are the same, the loss carries on from where it was, the budget schedule (0.5 shrinking to 0.2
+    by step 30) continues at the restored step, and every rank's parameters (widths and locations
+    included) are identical every 2 steps of the 2-process runs."""
+    schedule = BudgetSchedule(0.2, start=0.5, steps=30)
     args = [
         *common(fmnist_dir, tmp_path),
         "layer=gblr",
         "layer.init=scratch",
         "layer.budget=0.5",
+        "callbacks.gblr_budget.budget=0.2",
+        "callbacks.gblr_budget.start_budget=0.5",
+        "callbacks.gblr_budget.schedule_steps=30",
+        "callbacks.gblr_budget.schedule_every=1",
+        "callbacks.rank_consistency.every_n_steps=2",
         "global_batch_size=64",
         "task.data.batch_size=32",
         "trainer.limit_train_batches=1.0",
@@ -286,6 +294,10 @@ def test_kill_a_two_process_gblr_run_and_resume_on_one_and_two(fmnist_dir, tmp_p
         assert summary["run"]["global batch"].startswith("64 = ")
         resumed = torch.load(tmp_path / "runs" / name / "checkpoints" / "last.ckpt", weights_only=False)
         assert resumed["structure"] == saved["structure"] and resumed["global_step"] == step + 4
+        reached = summary["cost"][
+            "budget (structured MACs / dense)"
+        ]  # the projection is tight while shrinking
+        assert abs(reached - schedule.at(step + 4)) < 0.01, (reached, schedule.at(step + 4), step)
         after = column(metrics(tmp_path / "runs" / name, version=1), "train/loss_step")
         assert sum(after[:3]) / 3 < sum(before[:3]) / 3 - 0.1, (before, after)  # not a fresh start
     assert "parameters identical on all 2 ranks" in result.stdout + result.stderr
