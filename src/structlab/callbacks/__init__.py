@@ -4,6 +4,7 @@ from structlab.callbacks.batches import WholeGlobalBatches
 from structlab.callbacks.consistency import CheckRankConsistency, RankDivergenceError
 from structlab.callbacks.guards import NonFiniteLossError, StopOnNonFiniteLoss
 from structlab.callbacks.monitor import StructureMonitor
+from structlab.callbacks.reallocate import SVDReallocate
 from structlab.callbacks.speed import SpeedMonitor
 from structlab.callbacks.structure import GBLRBudget, SigmaAnneal, TernaryRequantize
 
@@ -16,6 +17,7 @@ __all__ = [
     "SpeedMonitor",
     "StopOnNonFiniteLoss",
     "StructureMonitor",
+    "SVDReallocate",
     "TernaryRequantize",
     "WholeGlobalBatches",
 ]

@@ -32,8 +32,11 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 def as_linears(module: nn.Module) -> nn.Module | None:
     """The same map as plain nn.Linear modules (a Sequential of two for a low-rank layer), or None."""
-    if isinstance(module, LowRankLinear):
-        return nn.Sequential(_linear(module.B.detach(), None), _linear(module.A.detach(), module.bias))
+    if isinstance(module, LowRankLinear):  # at its active rank (a re-allocated layer's zero columns dropped)
+        k = module.rank
+        return nn.Sequential(
+            _linear(module.B.detach()[:k], None), _linear(module.A.detach()[:, :k], module.bias)
+        )
     if isinstance(module, nn.Linear):
         return module
     if type(module).__name__ == "Conv1D":
