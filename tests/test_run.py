@@ -244,6 +244,21 @@ def test_global_batch_rule_gives_one_schedule_on_one_and_two_processes(fmnist_di
     assert values[0] < values[7] and values[-1] < values[7]  # warmup, then decay: a schedule, not a constant
 
 
+def test_a_checkpoint_from_before_the_final_budget_is_not_tested(fmnist_dir, tmp_path):
+    """Budget 0.5 shrinking to 0.2 by step 100: the 8 steps end before it, so every validation
+    checkpoint predates the final budget and the run tests its final weights, saying so."""
+    schedule = BudgetSchedule(0.2, start=0.5, steps=100)
+    ok(run_cli(*common(fmnist_dir, tmp_path), "run_name=shrink", "layer=gblr", "layer.init=scratch",
+               "layer.budget=0.5", "callbacks.gblr_budget.budget=0.2", "callbacks.gblr_budget.start_budget=0.5",
+               "callbacks.gblr_budget.schedule_steps=100", "callbacks.gblr_budget.schedule_every=1"))  # fmt: skip
+    summary = json.loads((tmp_path / "runs" / "shrink" / "summary.json").read_text())
+    assert summary["run"]["tested checkpoint"].startswith(
+        "the final weights (the best val/acc (max) checkpoint"
+    )
+    assert "reached at step 100" in summary["run"]["tested checkpoint"]
+    assert abs(summary["cost"]["budget (structured MACs / dense)"] - schedule.at(8)) < 0.01
+
+
 def test_kill_a_two_process_gblr_run_and_resume_on_one_and_two(fmnist_dir, tmp_path):
     """A 2-process gblr run killed mid-epoch (SIGKILL, no clean-up) resumes from the periodic
     last.ckpt on 1 process and on 2: the step count continues, the structure and the global batch

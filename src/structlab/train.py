@@ -214,7 +214,18 @@ def tested_checkpoint(trainer: L.Trainer, datamodule: Any, metric: DictConfig) -
         return {"path": "", "which": "the final weights (checkpointing is off)"}
     if getattr(datamodule, "validates_on_test", False):
         return {"path": callback.last_model_path, "which": "last (validation ran on the test split)"}
+    if not callback.best_model_path:
+        return {"path": "", "which": "the final weights (no checkpoint was chosen on validation)"}
     which = f"best val/{metric.name} ({metric.mode})"
+    settled = max((c.settled_step() for c in trainer.callbacks if hasattr(c, "settled_step")), default=0)
+    if settled:
+        saved_at = torch.load(callback.best_model_path, map_location="cpu", mmap=True, weights_only=False)
+        if saved_at["global_step"] < settled:  # its structure may cost more than the final budget
+            return {
+                "path": "",
+                "which": f"the final weights (the {which} checkpoint, step {saved_at['global_step']}, "
+                f"predates the final budget, reached at step {settled})",
+            }
     return {"path": callback.best_model_path, "which": which}
 
 

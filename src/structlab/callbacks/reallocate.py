@@ -126,6 +126,9 @@ class SVDReallocate(_AfterOptimizerStep):
         self.names = [n for n, _ in found]
         return [m for _, m in found]
 
+    def settled_step(self) -> int:
+        return self.steps[-1] if self.steps and self.layers else 0
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.steps:  # off (the default): no layers looked up, nothing logged
             self.layers, self._last_step = [], trainer.global_step

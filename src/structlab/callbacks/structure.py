@@ -57,6 +57,11 @@ class _AfterOptimizerStep(L.Callback):
     def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Hook for the subclasses, run at train start when there are layers to act on."""
 
+    def settled_step(self) -> int:
+        """The optimizer step from which the structure holds its final budget: a checkpoint saved
+        before it may cost more than β, so the run does not test it (see train.tested_checkpoint)."""
+        return 0
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After checkpoint restore: surgery on load may have replaced modules, global_step is restored.
         self.layers = self.find_layers(pl_module)
@@ -129,6 +134,10 @@ class GBLRBudget(_AfterOptimizerStep):
             return float(self.budget)
         dense = [la.dense_macs_per_token() for la in self.layers]
         return sum(la.budget * d for la, d in zip(self.layers, dense, strict=True)) / sum(dense)
+
+    def settled_step(self) -> int:
+        scheduled = self.layers and self._schedule_args["start"] is not None
+        return self._schedule_args["steps"] if scheduled else 0
 
     def target(self) -> float:
         """The global budget in force at the current optimizer step (see BudgetSchedule)."""
