@@ -28,9 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_point(name: str, experiment: str, overrides: list[str], log_dir: Path) -> dict:
-    """The summary of run `name`, training it first unless it already finished."""
+def run_point(
+    name: str, experiment: str, overrides: list[str], log_dir: Path, train: bool = True
+) -> dict | None:
+    """The summary of run `name`, training it first unless it already finished (or `train` is off:
+    then None for a run that has not finished)."""
     summary = log_dir / "runs" / name / "summary.json"
+    if not summary.is_file() and not train:
+        print(f"not finished, left out: {name}", flush=True)
+        return None
     if not summary.is_file():
         cmd = [sys.executable, str(ROOT / "run.py"), f"experiment={experiment}", f"run_name={name}",
                f"paths.log_dir={log_dir}", "print_config=false", *overrides]  # fmt: skip
@@ -110,6 +116,7 @@ def main() -> None:
     p.add_argument("--log-dir", type=Path, default=ROOT / "logs")
     p.add_argument("--out", type=Path, default=None, help="table/plot path without suffix")
     p.add_argument("--extra", nargs="*", default=[], help="run.py overrides for every run")
+    p.add_argument("--no-train", action="store_true", help="table and plot of the finished runs only")
     args = p.parse_args()
     prefix = f"{args.prefix}-{args.task}-{args.model}"
     dense = run_point(f"{prefix}-dense", f"{args.task}/{args.model}-dense", args.extra, args.log_dir)
@@ -120,8 +127,10 @@ def main() -> None:
         for budget in args.budgets:
             name = f"{prefix}-{label}{kind}-{budget}"
             overrides = [*start, f"layer.budget={budget}", *own, *args.extra]
-            summary = run_point(name, f"{args.task}/{args.model}-{layer}{kind}", overrides, args.log_dir)
-            rows.append(row(label + kind, budget, summary, args.metric))
+            experiment = f"{args.task}/{args.model}-{layer}{kind}"
+            summary = run_point(name, experiment, overrides, args.log_dir, train=not args.no_train)
+            if summary is not None:
+                rows.append(row(label + kind, budget, summary, args.metric))
     write_outputs(rows, args.metric, args.out or args.log_dir / f"{prefix}{kind}")
 
 
