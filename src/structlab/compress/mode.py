@@ -109,7 +109,10 @@ def compress_run(
     }
     if c.quantize:
         info.update(quantize=c.quantize, quantized=[r.name for r in report.layers])
-    saved = save_compressed(module.model, Path(cfg.paths.output_dir) / "compressed", info)
+    saved = Path(cfg.paths.output_dir) / "compressed"
+    if trainer.is_global_zero:  # one writer: DDP ranks hold the same compressed model
+        save_compressed(module.model, saved, info)
+    trainer.strategy.barrier()
     results = {f"{metric} dense": before, f"{metric} compressed": evaluate()}
     module.to(device)
     size["weights MB: compressed"] = stored_bytes(module.model) / 2**20
