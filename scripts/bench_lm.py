@@ -89,7 +89,13 @@ def main() -> None:
         help="torch.compile the prefill and full forwards (mode: default, max-autotune, ...)",
     )
     p.add_argument("--rank-multiple", type=int, default=8, help="ranks rounded down to a multiple")
-    p.add_argument("--no-int8", action="store_true")
+    p.add_argument(
+        "--int8",
+        nargs="*",
+        default=["int8", "int8_dynamic"],
+        choices=["int8", "int8_dynamic"],
+        help="torchao schemes measured on both models (none given: no int8 rows)",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, bf16, prefill {args.batch}×{args.seq}, decode {args.batch}×"
@@ -99,9 +105,9 @@ def main() -> None:
     report = compress_model(small, "svd", args.ratio, targets=TARGETS, rank_multiple=args.rank_multiple)
     print(f"compressed: {report.achieved_ratio:.3f} of the block linears' parameters removed", flush=True)
     rows = [measure("dense", dense, args), measure(f"compressed {args.ratio:.0%}", small, args)]
-    if not args.no_int8:
+    if args.int8:
         names = find_targets(dense, TARGETS)
-        for scheme in ("int8", "int8_dynamic"):
+        for scheme in args.int8:
             for label, base in (("dense", dense), (f"compressed {args.ratio:.0%}", small)):
                 q = copy.deepcopy(base)
                 quantize_model(q, scheme, names)

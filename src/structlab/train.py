@@ -135,8 +135,11 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             write_summary(summary, output_dir)
         return summary
     if cfg.mode == "train":
+        converted = None
         if ckpt:
             module.structure_from(ckpt)  # resuming rebuilds the structure, never converts again
+        elif cfg.get("init_from"):
+            converted = validate_converted(trainer, module, datamodule)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         tested = tested_checkpoint(trainer, datamodule, cfg.task.metric)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"] or None)
@@ -144,6 +147,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             results[0].update(
                 {f"{k} (dense init_from)": v for k, v in test_dense(cfg, module, datamodule, trainer).items()}
             )
+            if converted:
+                results[0].update({f"{k} (converted, before fine-tuning)": v for k, v in converted[0].items()})
     else:
         ckpt_path = Path(cfg.ckpt_path)
         if not ckpt_path.is_file():
@@ -158,6 +163,19 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_summary(summary, output_dir, details={"structured layers": structure_rows(module.model)})
     return summary
+
+
+def validate_converted(trainer: L.Trainer, module: StructuredModule, datamodule: Any) -> list[dict]:
+    """Validation metrics of the converted model before fine-tuning (validate converts it; fit keeps
+    that structure). Validation ran in inference mode, so the metric states it left behind are
+    inference tensors that training's validation could not update in place: reset them here."""
+    from torchmetrics import Metric
+
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            metric.reset()
+    return results
 
 
 def compress_trained(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from support import compose_train
 
 from structlab.train import run
@@ -32,6 +33,9 @@ def test_finetune_from_dense_with_whitened_global_svd(dense_checkpoint, tmp_path
     assert tuned["cost"]["budget (structured MACs / dense)"] <= 0.5
     # the summary shows the dense checkpoint's test metric beside the structured model's
     assert tuned["test"]["test/ppl (dense init_from)"] == pytest.approx(dense_ppl, rel=1e-5)
+    # and the converted model's validation metric before fine-tuning, which the epoch then improves on
+    converted = tuned["test"]["val/ppl (converted, before fine-tuning)"]
+    assert tuned["test"]["test/ppl"] < converted
     # one epoch from the dense checkpoint is close to it; the same epoch from a random init is not
     assert tuned["test"]["test/ppl"] < 1.3 * dense_ppl < scratch["test"]["test/ppl"]
 
@@ -49,3 +53,18 @@ def test_bad_init_from_stops_before_training(dense_checkpoint, tmp_path, overrid
     args = [o.replace("CKPT", str(ckpt)) for o in overrides]
     with pytest.raises(error, match=message):
         run(compose_train(*LM, "layer=svd", *args, "trainer.max_epochs=1", output_dir=tmp_path))
+
+
+
+def test_calibration_batches_are_drawn_on_the_cpu_under_another_default_device(tmp_path) -> None:
+    """Lightning converts inside a default-device context (the GPU's): the calibration loader must
+    still draw its seed and sample order on the CPU (a CPU generator under a CUDA default fails)."""
+    from structlab.tasks.structured import batches_on_cpu
+    from structlab.train import build
+
+    datamodule, _, _ = build(compose_train(*LM, "layer=svd", output_dir=tmp_path))
+    datamodule.setup("fit")
+    with torch.device("meta"):  # stands in for the GPU: any default device other than the CPU
+        batches = [b for b, _ in zip(batches_on_cpu(datamodule.train_dataloader()), range(2), strict=False)]
+    assert len(batches) == 2
+    assert all(b["input_ids"].device.type == "cpu" and b["input_ids"].max() > 0 for b in batches)

@@ -30,7 +30,8 @@ def dense_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a GEMM on `x` runs in here: autocast's when it is on for x's device, else x's own."""
     kind = x.device.type
-    if torch.is_autocast_enabled(kind):
+    # meta tensors (cost counting) have no autocast
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return x.dtype
 

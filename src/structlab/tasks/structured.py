@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -102,6 +102,19 @@ def load_dense(model: nn.Module, source: str) -> str:
         )
     model.load_state_dict(state, strict=True)
     return str(path)
+
+
+def batches_on_cpu(loader: Iterable[Any]) -> Iterator[Any]:
+    """The loader's batches, each drawn with the CPU as default device: Lightning converts layers under
+    the GPU's, where a loader's seed and sampler (CPU generators) would fail or draw another order."""
+    with torch.device("cpu"):
+        batches = iter(loader)
+    while True:
+        with torch.device("cpu"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
@@ -226,7 +239,7 @@ class StructuredModule(L.LightningModule):
         torch.manual_seed(seed)
         out, count = [], 0
         try:
-            for batch in datamodule.train_dataloader():
+            for batch in batches_on_cpu(datamodule.train_dataloader()):
                 batch = datamodule.on_after_batch_transfer(move_data_to_device(batch, self.device), 0)
                 batch = take(batch, samples - count)
                 inputs = self.model_inputs(batch)
