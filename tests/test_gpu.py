@@ -62,15 +62,20 @@ def test_gpu_fashion_mnist_learns(tmp_path):
     assert summary["test"]["test/acc"] > 0.8
 
 
-def test_gpu_finetune_calibrates_and_converts_on_the_gpu(tmp_path):
-    """init_from + whitened svd: calibration batches are read inside Lightning's GPU default-device
-    context (it once failed there on the loader's CPU generator)."""
+@pytest.mark.parametrize(
+    "layer",
+    [("layer=svd", "layer.budget=0.5", "layer.method=whitened_svd", "layer.allocation=global"),
+     ("layer=gblr", "layer.budget=0.5")],
+    ids=["whitened_svd", "gblr"],
+)  # fmt: skip
+def test_gpu_finetune_converts_on_the_gpu(tmp_path, layer):
+    """init_from: Lightning converts inside its GPU default-device context, where host-side tensors
+    once failed (the calibration loader's CPU generator, gblr's pinned search constants)."""
     common = ("trainer=gpu", "model=gpt2_tiny", "task=synthetic_text", "compress.after_training=false",
               f"paths.log_dir={tmp_path}", "trainer.enable_progress_bar=false", "trainer.max_epochs=1")  # fmt: skip
     dense = run_cli(*common, "run_name=dense")
     assert dense.returncode == 0, dense.stderr[-4000:]
     ckpt = json.loads((tmp_path / "runs" / "dense" / "summary.json").read_text())["outputs"]["checkpoint"]
-    layer = ("layer=svd", "layer.budget=0.5", "layer.method=whitened_svd", "layer.allocation=global")
     tuned = run_cli(*common, *layer, f"init_from={ckpt}", "run_name=ft")
     assert tuned.returncode == 0, tuned.stderr[-4000:]
     summary = json.loads((tmp_path / "runs" / "ft" / "summary.json").read_text())

@@ -55,16 +55,13 @@ def test_bad_init_from_stops_before_training(dense_checkpoint, tmp_path, overrid
         run(compose_train(*LM, "layer=svd", *args, "trainer.max_epochs=1", output_dir=tmp_path))
 
 
-
-def test_calibration_batches_are_drawn_on_the_cpu_under_another_default_device(tmp_path) -> None:
-    """Lightning converts inside a default-device context (the GPU's): the calibration loader must
-    still draw its seed and sample order on the CPU (a CPU generator under a CUDA default fails)."""
-    from structlab.tasks.structured import batches_on_cpu
+def test_conversion_runs_on_the_cpu_default_device_under_another(tmp_path) -> None:
+    """Lightning converts inside a default-device context (the GPU's): the conversion's host-side
+    tensors (gblr's search constants, the calibration loader's order) must still be CPU tensors."""
     from structlab.train import build
 
-    datamodule, _, _ = build(compose_train(*LM, "layer=svd", output_dir=tmp_path))
-    datamodule.setup("fit")
+    _, module, _ = build(compose_train(*LM, "layer=gblr", "layer.budget=0.5", output_dir=tmp_path))
     with torch.device("meta"):  # stands in for the GPU: any default device other than the CPU
-        batches = [b for b, _ in zip(batches_on_cpu(datamodule.train_dataloader()), range(2), strict=False)]
-    assert len(batches) == 2
-    assert all(b["input_ids"].device.type == "cpu" and b["input_ids"].max() > 0 for b in batches)
+        module.convert()
+    assert module.structured and module.conversions == 1
+    assert all(p.device.type == "cpu" for p in module.parameters())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -104,19 +104,6 @@ def load_dense(model: nn.Module, source: str) -> str:
     return str(path)
 
 
-def batches_on_cpu(loader: Iterable[Any]) -> Iterator[Any]:
-    """The loader's batches, each drawn with the CPU as default device: Lightning converts layers under
-    the GPU's, where a loader's seed and sampler (CPU generators) would fail or draw another order."""
-    with torch.device("cpu"):
-        batches = iter(loader)
-    while True:
-        with torch.device("cpu"):
-            batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch
-
-
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy that runs eagerly: `nn.Module.compile()` keeps a function bound to the original
     module, which deepcopy would share, so the copy would silently run the original."""
@@ -187,6 +174,13 @@ class StructuredModule(L.LightningModule):
         """Replace the targeted layers by the configured layer type (surgery), once. Low-rank layers
         from dense weights under a budget go through `compress_model` (the post-training compression:
         plain, whitened, ASVD or FALOR factors, uniform or global ranks, calibration from the train split)."""
+        # Lightning calls this under the GPU as default device; the conversion's host-side tensors
+        # (calibration loader order, gblr search constants) belong on the CPU, as everywhere else
+        with torch.device("cpu"):
+            self._convert()
+        self.structured = True
+
+    def _convert(self) -> None:
         cfg = dict(self.layer_cfg)
         name = cfg.pop("name")
         if name != "dense":
@@ -209,7 +203,6 @@ class StructuredModule(L.LightningModule):
             log.info(
                 "%d layers are now %s: %s parameters → %s", len(replaced), name, f"{before:,}", f"{after:,}"
             )
-        self.structured = True
 
     def _compress_to_svd(self, cfg: dict[str, Any]) -> list[str]:
         from structlab.budget import DEFAULT_BUDGET, check_budget
@@ -239,7 +232,7 @@ class StructuredModule(L.LightningModule):
         torch.manual_seed(seed)
         out, count = [], 0
         try:
-            for batch in batches_on_cpu(datamodule.train_dataloader()):
+            for batch in datamodule.train_dataloader():
                 batch = datamodule.on_after_batch_transfer(move_data_to_device(batch, self.device), 0)
                 batch = take(batch, samples - count)
                 inputs = self.model_inputs(batch)
