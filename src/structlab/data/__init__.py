@@ -4,6 +4,7 @@ from structlab.data.base import ImageDataModule, MissingDatasetError
 from structlab.data.cifar import CIFARDataModule
 from structlab.data.fashion_mnist import FashionMNISTDataModule
 from structlab.data.imagenet import ImageNetDataModule
+from structlab.data.scenes import SceneDataModule
 from structlab.data.synthetic import SyntheticImageDataModule
 from structlab.data.synthetic_text import SyntheticTextDataModule
 from structlab.data.text import TextDataModule
@@ -14,6 +15,7 @@ __all__ = [
     "ImageDataModule",
     "ImageNetDataModule",
     "MissingDatasetError",
+    "SceneDataModule",
     "SyntheticImageDataModule",
     "SyntheticTextDataModule",
     "TextDataModule",
