@@ -148,7 +148,9 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 {f"{k} (dense init_from)": v for k, v in test_dense(cfg, module, datamodule, trainer).items()}
             )
             if converted:
-                results[0].update({f"{k} (converted, before fine-tuning)": v for k, v in converted[0].items()})
+                results[0].update(
+                    {f"{k} (converted, before fine-tuning)": v for k, v in converted[0].items()}
+                )
     else:
         ckpt_path = Path(cfg.ckpt_path)
         if not ckpt_path.is_file():

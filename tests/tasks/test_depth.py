@@ -361,26 +361,30 @@ def test_a_non_finite_eval_loss_is_an_error(tmp_path):
         trainer(tmp_path, max_epochs=1).validate(m, datamodule=small_scenes())
 
 
-@pytest.mark.skipif("pi3_tiny" not in MODELS, reason="the π3 model (structlab.models.pi3) is not registered")
-def test_pi3_tiny_trains_on_scenes_with_structured_layers(tmp_path):
-    """The task config with model=pi3_tiny and SVD layers, built as run.py builds it: fit, validate, test."""
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layer",
+    [("layer=dense",), ("layer=svd", "layer.budget=0.5"), ("layer=tsvd", "layer.budget=0.5"),
+     ("layer=gblr", "layer.budget=0.5", "layer.fit_steps=20")],
+    ids=["dense", "svd", "tsvd", "gblr"],
+)  # fmt: skip
+def test_pi3_tiny_trains_through_run_with_each_layer_type(tmp_path, layer):
+    """`python run.py model=pi3_tiny task=depth layer=...` as a user runs it (default callbacks:
+    budget projection, re-quantisation, checkpoints): a few optimizer steps, every depth and pose
+    metric, the structured layers' MACs within the budget."""
     from support import compose_train
 
-    from structlab.train import build
+    from structlab.train import run
 
-    cfg = compose_train(
-        "task=depth", "model=pi3_tiny", "layer=svd", "layer.budget=0.5", "debug=fdr", "trainer=cpu",
+    summary = run(compose_train(
+        "task=depth", "model=pi3_tiny", *layer, "trainer.max_epochs=2", "compress.after_training=false",
         "task.data.height=28", "task.data.width=28", "task.data.num_views=2", "task.data.batch_size=2",
-        "task.data.train_size=2", "task.data.val_size=2", "task.data.test_size=2", "global_batch_size=null",
-        "logger=csv", "callbacks=none", "print_config=false", "trainer.enable_progress_bar=false",
-        output_dir=tmp_path,
-    )  # fmt: skip
-    dm, module, t = build(cfg)
-    assert isinstance(module, DepthModule) and isinstance(dm, SceneDataModule)
-    t.fit(module, datamodule=dm)
-    kinds = {type(mod).__name__ for name, mod in module.model.named_modules() if name.endswith("mlp.fc1")}
-    assert kinds == {"LowRankLinear"} and t.global_step == 1
-    assert {f"val/{k}" for k in EVAL_KEYS} <= set(t.callback_metrics)
-    (result,) = t.test(module, datamodule=dm, verbose=False)
-    assert {f"test/{k}" for k in EVAL_KEYS} <= set(result)
-    assert all(math.isfinite(v) for v in result.values())
+        "task.data.train_size=4", "task.data.val_size=2", "task.data.test_size=2",
+        "print_config=false", "trainer.enable_progress_bar=false", output_dir=tmp_path,
+    ))  # fmt: skip
+    assert summary["speed"]["epochs / steps"] == "2 / 4"
+    assert {f"test/{k}" for k in EVAL_KEYS} <= set(summary["test"])
+    assert all(math.isfinite(v) for v in summary["test"].values())
+    if layer[0] != "layer=dense":
+        assert summary["cost"]["structured layers"] == 28
+        assert summary["cost"]["budget (structured MACs / dense)"] <= 0.5 + 1e-3

@@ -17,6 +17,7 @@ Where it differs from the official code (same function in float32):
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ class Pi3(nn.Module):
         conf = self.conf_decoder(hidden, head_rope)[:, r:]
         cam = self.camera_decoder(hidden, head_rope)[:, r:]
         # the final projections, camera MLP and rotation in the model's own precision (float32)
-        with torch.autocast(imgs.device.type, enabled=False):
+        with autocast_off(imgs.device):
             xy, z = self.point_head(pts.to(dtype), h, w).split([2, 1], -1)
             z = z.exp()
             local = torch.cat([xy * z, z], -1).view(b, n, height, width, 3)
@@ -203,6 +204,13 @@ class Pi3(nn.Module):
             rot, trans = poses[..., :3, :3], poses[..., :3, 3]
             points = torch.einsum("bnij,bnhwj->bnhwi", rot, local) + trans[:, :, None, None]
         return dict(points=points, local_points=local, conf=conf, camera_poses=poses)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on `device` (nothing to turn off where it has none: meta tensors counting MACs)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
