@@ -23,7 +23,7 @@ from structlab.callbacks.monitor import structure_rows
 from structlab.config import batch_plan, print_config, save_config, world_size
 from structlab.runlock import RunLock
 from structlab.summary import write_summary
-from structlab.tasks.structured import StructuredModule, load_dense, take
+from structlab.tasks.structured import StructuredModule, example_batch, load_dense
 
 log = logging.getLogger("structlab")
 # `import lightning` adds its own console handler; Hydra's root handlers (console + run.log) already
@@ -131,7 +131,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             print_layers(report)
             summary = {"run": run_rows(cfg, datamodule, trainer), **sections}
             summary["outputs"]["run dir"] = str(output_dir)
-            summary["speed"] = {"total wall time (s)": round(time.perf_counter() - start, 1)}
+            summary["speed"]["total wall time (s)"] = round(time.perf_counter() - start, 1)
             write_summary(summary, output_dir)
         return summary
     if cfg.mode == "train":
@@ -210,6 +210,7 @@ def compress_trained(
         }
     )
     summary["outputs"]["compressed model"] = sections["outputs"]["compressed model"]
+    summary["speed"].update(sections["speed"])
 
 
 def test_dense(
@@ -247,13 +248,6 @@ def tested_checkpoint(trainer: L.Trainer, datamodule: Any, metric: DictConfig) -
                 f"predates the final budget, reached at step {settled})",
             }
     return {"path": callback.best_model_path, "which": which}
-
-
-def example_batch(datamodule: Any, module: StructuredModule, samples: int = 1) -> Any:
-    """`samples` samples of a real test batch, as the model sees them (on its device, transformed)."""
-    batch = next(iter(datamodule.test_dataloader()))
-    batch = module.transfer_batch_to_device(batch, module.device, 0)
-    return take(datamodule.on_after_batch_transfer(batch, 0), samples)
 
 
 def stored_values(model: torch.nn.Module) -> int:

@@ -22,14 +22,15 @@ from rich.table import Table
 from structlab.budget import budget_from_ratio, stored_bytes
 from structlab.compress.model import NEEDS_CALIBRATION, compress_model
 from structlab.surgery import save_compressed
-from structlab.tasks.structured import StructuredModule, leading_dim
+from structlab.tasks.structured import StructuredModule, example_batch, leading_dim
 
 log = logging.getLogger("structlab")
 
 
 def load_weights(cfg: DictConfig, module: StructuredModule) -> str:
     """The trained weights to compress: a Lightning checkpoint (ckpt_path) or the model's own
-    pretrained weights (model.pretrained); compressing a random initialisation is refused."""
+    weights (model.pretrained: HF / timm; model.ckpt_path: a weights file, e.g. π3's official
+    model.safetensors), loaded when the model was built; compressing a random initialisation is refused."""
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         if not path.is_file():
@@ -40,9 +41,12 @@ def load_weights(cfg: DictConfig, module: StructuredModule) -> str:
         return f"checkpoint {path}"
     if cfg.model.get("pretrained"):
         return f"pretrained {cfg.model.pretrained}"
+    if cfg.model.get("ckpt_path"):
+        return f"weights {cfg.model.ckpt_path}"
     raise ValueError(
         "mode=compress needs trained weights: ckpt_path=<a .ckpt of a training run> or "
-        "model.pretrained=<name or directory> (compressing a random initialisation measures nothing)"
+        "model.pretrained=<name or directory> or model.ckpt_path=<weights file> "
+        "(compressing a random initialisation measures nothing)"
     )
 
 
@@ -58,6 +62,27 @@ def check_compressible(cfg: DictConfig) -> None:
             f"compression takes its method from compress.method and starts from dense layers; "
             f"leave layer=dense (got layer={cfg.layer.name})"
         )
+
+
+def forward_ms(module: StructuredModule, inputs: Any, trainer: L.Trainer) -> float:
+    """Median milliseconds of one forward pass on `inputs`, in the run's precision and device."""
+    from structlab.bench.timing import median_ms_on
+    from structlab.inputs import call_model
+
+    def forward() -> None:
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            call_model(module.model, inputs)
+
+    training = module.model.training
+    module.model.eval()
+    try:
+        return median_ms_on(trainer.strategy.root_device, forward)
+    finally:
+        module.model.train(training)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def compress_run(
@@ -85,6 +110,8 @@ def compress_run(
 
     before = evaluate() if trained is None else trained[1]
     module.to(device)  # trainer.test hands the module back on the CPU
+    inputs = module.model_inputs(example_batch(datamodule, module, samples=None))  # one test batch
+    speed = {"forward ms per test batch: dense": forward_ms(module, inputs, trainer)}
     size = {"weights MB: dense": stored_bytes(module.model) / 2**20}
     needs_data = c.method in NEEDS_CALIBRATION or update
     calibration = calibration_inputs(cfg, datamodule, module) if needs_data else None
@@ -116,6 +143,10 @@ def compress_run(
     results = {f"{metric} dense": before, f"{metric} compressed": evaluate()}
     module.to(device)
     size["weights MB: compressed"] = stored_bytes(module.model) / 2**20
+    speed["forward ms per test batch: compressed"] = forward_ms(module, inputs, trainer)
+    speed["speed-up (dense / compressed)"] = (
+        speed["forward ms per test batch: dense"] / speed["forward ms per test batch: compressed"]
+    )
     cost = costs()
     if c.quantize:
         from structlab.compress.quantize import quantize_model
@@ -139,6 +170,11 @@ def compress_run(
         },
         "test": results,
         "cost": {**cost, **{k: round(v, 2) for k, v in size.items()}},
+        "speed": {
+            **{k: round(v, 2) for k, v in speed.items()},
+            "measured on": f"{device_name(device)}, {trainer.precision}, {leading_dim(inputs)} samples, "
+            "median of 10 after 3 warm-up",
+        },
         "outputs": {"compressed model": str(saved)},
     }
     return sections, report.to_dict()

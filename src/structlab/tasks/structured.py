@@ -50,6 +50,15 @@ def take(batch: Any, n: int) -> Any:
     return batch
 
 
+def example_batch(datamodule: Any, module: L.LightningModule, samples: int | None = 1) -> Any:
+    """`samples` samples (None: all) of the first test batch, as the model sees them (on its device,
+    transformed)."""
+    batch = next(iter(datamodule.test_dataloader()))
+    batch = module.transfer_batch_to_device(batch, module.device, 0)
+    batch = datamodule.on_after_batch_transfer(batch, 0)
+    return batch if samples is None else take(batch, samples)
+
+
 def crop_sequences(inputs: Any, length: int) -> Any:
     """The first `length` positions (dim 1) of every sequence tensor in a (nested) batch of inputs."""
     if isinstance(inputs, torch.Tensor):
