@@ -69,3 +69,19 @@ def test_svd_pi3_through_mode_compress_reloads_to_the_same_depth_metrics(tmp_pat
     module.model = load_compressed(build_model("pi3_tiny"), tmp_path / "run" / "compressed")
     (result,) = trainer.test(module, datamodule=datamodule, verbose=False)
     assert result["test/abs_rel"] == pytest.approx(small, rel=1e-5)
+
+
+def test_benchmark_script_reports_dense_and_compressed_pi3() -> None:
+    """scripts/benchmark.py end to end on the CPU (the GPU figures in docs/benchmarks.md come from it)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "pi3_tiny", "--inputs", "2x28x28",
+         "--device", "cpu", "--warmup", "1", "--iters", "2", "--rank-multiple", "1"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| dense", "| svd"))]
+    assert rows[0][0] == "| dense" and rows[1][0].startswith("| svd") and rows[1][0].endswith("removed")
+    dense_macs, small_macs = (float(r[-1].rstrip(" |")) for r in rows)
+    assert 0 < small_macs < dense_macs
