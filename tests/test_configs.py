@@ -63,7 +63,7 @@ def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, im
     shrink = small_structured(cfg)
     init_from = []
     if "-ft" in experiment:  # fine-tune recipes start from dense weights: a fresh dense model's
-        same_model = [o for o in shrink if o.startswith("+model.")]
+        same_model = [o for o in shrink if o.startswith(("+model.", "model."))]
         same_model += ["task.num_classes=3"] if cfg.task.name == "imagenet" else []
         init_from = [f"init_from={dense_weights(experiment, tmp_path / 'dense', *same_model)}"]
     data = {
@@ -96,6 +96,10 @@ def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, im
         overrides += [f"task.data.data_dir={imagefolder_dir}", "task.num_classes=3"]
     if "num_workers" in cfg.task.data:
         overrides += ["task.data.num_workers=0"]
+    if "calib_samples" in cfg.layer:  # whitened-svd conversions: calibration from a few samples
+        overrides += ["layer.calib_samples=8"]
+    if cfg.task.name == "depth":
+        overrides += ["task.data.height=28", "task.data.width=28", "task.data.num_views=2"]
     if cfg.task.name == "synthetic_imagenet":
         overrides += ["task.data.img_size=224", "task.data.steps_per_epoch=1", "task.data.eval_steps=1"]
     summary = run(compose_train(*overrides, output_dir=tmp_path))
@@ -114,12 +118,18 @@ def test_experiment_fast_dev_run(experiment, tmp_path, fmnist_dir, cifar_dir, im
 
 
 def small_structured(cfg: DictConfig) -> list[str]:
-    """Overrides that keep a structured recipe of ViT-S/4 or ViT-B/16 to seconds on a CPU: one block
-    (the recipe's layer type, budget and schedule unchanged), a short gblr fit, few ternary components."""
-    if cfg.layer.name == "dense" or cfg.model.name not in ("vit_small_patch4_32", "vit_base_patch16_224"):
+    """Overrides that keep a structured recipe of ViT-S/4, ViT-B/16 or π3 small to seconds on a CPU:
+    fewest blocks (the recipe's layer type, budget and schedule unchanged), a short gblr fit, few
+    ternary components."""
+    shallow = {
+        "vit_small_patch4_32": ["+model.depth=1"],
+        "vit_base_patch16_224": ["+model.depth=1"],
+        "pi3_small": ["model.enc_depth=1", "model.dec_depth=2", "model.head_depth=1"],
+    }
+    if cfg.layer.name == "dense" or cfg.model.name not in shallow:
         return []
     fewer = {"gblr": ["layer.fit_steps=5"], "tsvd": ["layer.max_rank=16"]}
-    return ["+model.depth=1", *fewer.get(cfg.layer.name, [])]
+    return [*shallow[cfg.model.name], *fewer.get(cfg.layer.name, [])]
 
 
 def dense_weights(experiment: str, folder: Path, *overrides: str) -> Path:
