@@ -163,3 +163,45 @@ class TensorImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[i], self.labels[i]
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Loaders over `self.splits` ({"train", "val", "test"} → dataset of dict samples), filled by a
+    subclass's `setup`; `batch_size` is per device. The train loader shuffles and drops its last
+    partial batch; the evaluation loaders keep every sample."""
+
+    validation_split = "its own split"
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.splits: dict[str, Dataset] = {}
+
+    def _loader(self, split: str) -> DataLoader:
+        if split not in self.splits:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        train = split == "train"
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=False,  # a dataset that changes per epoch is re-sent to the workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def train_batches_per_device(self, world: int) -> int | None:
+        """Full batches per process and epoch (DistributedSampler pads to a multiple of `world`)."""
+        if "train" not in self.splits:
+            return None
+        return math.ceil(len(self.splits["train"]) / world) // self.batch_size

@@ -35,10 +35,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from structlab.data.base import SplitDataModule
 
 PATCH = 14  # the π3 encoder's patch size: image sides must be multiples of it
 SPLIT_OFFSET = {"train": 0, "val": 1 << 40, "test": 2 << 40}
@@ -450,7 +451,7 @@ class SceneDataset(Dataset):
         return generate_scene(self.seed_of(i), **self.options)
 
 
-class SceneDataModule(L.LightningDataModule):
+class SceneDataModule(SplitDataModule):
     """Train / val / test splits of procedural scenes (disjoint seeds); batches are dicts of the sample
     keys with a leading batch dimension. `batch_size` is per device."""
 
@@ -473,7 +474,7 @@ class SceneDataModule(L.LightningDataModule):
         ceiling_prob: float = 0.5,
         max_depth: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         if height % PATCH or width % PATCH or height <= 0 or width <= 0:
             raise ValueError(
                 f"task.data.height={height} and width={width} must be positive multiples of {PATCH} "
@@ -483,8 +484,7 @@ class SceneDataModule(L.LightningDataModule):
             raise ValueError(f"task.data.num_views={num_views}: the multi-view task needs at least 2 views")
         if num_objects < 0:
             raise ValueError(f"task.data.num_objects={num_objects} must be ≥ 0")
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.seed, self.resample = num_workers, seed, resample
+        self.seed, self.resample = seed, resample
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.options = {
             "num_views": num_views,
@@ -494,7 +494,6 @@ class SceneDataModule(L.LightningDataModule):
             "ceiling_prob": ceiling_prob,
             "max_depth": max_depth,
         }
-        self.splits: dict[str, SceneDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         for split, size in self.sizes.items():
@@ -507,31 +506,3 @@ class SceneDataModule(L.LightningDataModule):
         """Draw the train split's scenes of `epoch` (the depth task calls this at each epoch start)."""
         if "train" in self.splits:
             self.splits["train"].set_epoch(epoch)
-
-    def _loader(self, split: str) -> DataLoader:
-        if split not in self.splits:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
-        train = split == "train"
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=False,  # workers take the train split's epoch when each epoch starts
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def train_batches_per_device(self, world: int) -> int | None:
-        """Full batches per process and epoch (DistributedSampler pads to a multiple of `world`)."""
-        if "train" not in self.splits:
-            return None
-        return math.ceil(len(self.splits["train"]) / world) // self.batch_size

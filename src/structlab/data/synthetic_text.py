@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from structlab.data.text import TokenDataModule
+from structlab.data.base import SplitDataModule
 
 
 class TokenSequences(Dataset):
@@ -30,7 +30,7 @@ class TokenSequences(Dataset):
         return {"input_ids": self.tokens[i]}
 
 
-class SyntheticTextDataModule(TokenDataModule):
+class SyntheticTextDataModule(SplitDataModule):
     """Train / validation / test splits of `TokenSequences` with disjoint seeds; batches are
     {"input_ids": (batch, seq_len)}. `batch_size` is per device."""
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from structlab.data.base import missing
+from structlab.data.base import SplitDataModule, missing
 
 log = logging.getLogger(__name__)
 WIKITEXT = {  # corpus → folder and its raw split files (the "raw" releases: untokenised text)
@@ -79,45 +77,7 @@ class TokenWindows(Dataset):
         return {"input_ids": torch.from_numpy(window.astype(np.int64))}
 
 
-class TokenDataModule(L.LightningDataModule):
-    """Loaders over `self.splits` ({"train", "val", "test"} → dataset of dict samples), filled by a
-    subclass's `setup`; `batch_size` is per device."""
-
-    validation_split = "its own split"
-
-    def __init__(self, batch_size: int, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
-        super().__init__()
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.splits: dict[str, Dataset] = {}
-
-    def _loader(self, split: str) -> DataLoader:
-        train = split == "train"
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def train_batches_per_device(self, world: int) -> int | None:
-        """Full batches per process and epoch (DistributedSampler pads to a multiple of `world`)."""
-        if "train" not in self.splits:
-            return None
-        return math.ceil(len(self.splits["train"]) / world) // self.batch_size
-
-
-class TextDataModule(TokenDataModule):
+class TextDataModule(SplitDataModule):
     """corpus: "wikitext-103", "wikitext-2" (raw files under `data_dir`) or "files" (`files`, read in
     the given order and split by `val_fraction` / `test_fraction`). Batches: {"input_ids": (B, T)}."""
 
