@@ -3,10 +3,14 @@ trees in each set's on-disk layout (written by the writers in fixtures)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
+from support import compose_train
 
 from structlab.data import MissingDatasetError
 from structlab.data.depth_sets import (
@@ -30,6 +34,9 @@ from structlab.data.depth_sets import (
     write_dpt,
     write_png_depth,
 )
+from structlab.data.real_depth import RealDepthDataModule, sequence_rank, split_sequences
+from structlab.data.scenes import SceneDataset
+from structlab.tasks.depth import DepthPoseMetrics
 
 
 def rotation(seed: int) -> np.ndarray:
@@ -202,3 +209,167 @@ def test_kitti_layout(tmp_path):
     assert [b.name for _, b in pairs] == ["0000000005.png"]
     s = DepthPairs(pairs, KITTI_DEPTH_SCALE, intrinsics=[[20, 0, 13.5], [0, 20, 6.5], [0, 0, 1]])[0]
     assert torch.allclose(s["depth"], torch.tensor(20.0)) and s["intrinsics"][0, 0, 0] == 20
+
+
+# --- RealDepthDataModule ---------------------------------------------------------------------------------
+SEQUENCES = ("alley_1", "bamboo_2", "cave_4", "market_2")
+
+
+def write_sintel(root, sequences=SEQUENCES, frames: int = 4, h: int = 30, w: int = 44) -> None:
+    """A Sintel training tree: `frames` frames of h×w per sequence, random depth in 1–30 and poses."""
+    rng = np.random.default_rng(1)
+    for s, seq in enumerate(sequences):
+        for kind in ("final", "depth", "camdata_left"):
+            (root / "training" / kind / seq).mkdir(parents=True, exist_ok=True)
+        for f in range(1, frames + 1):
+            stem = f"frame_{f:04d}"
+            save_rgb(root / "training" / "final" / seq / f"{stem}.png", h, w, 100 * s + f)
+            write_dpt(root / "training" / "depth" / seq / f"{stem}.dpt", rng.uniform(1, 30, (h, w)))
+            K = np.array([[40.0, 0, (w - 1) / 2], [0, 40.0, (h - 1) / 2], [0, 0, 1]])
+            E = np.concatenate([rotation(100 * s + f), rng.normal(size=(3, 1))], 1)
+            write_cam(root / "training" / "camdata_left" / seq / f"{stem}.cam", K, E)
+
+
+def write_nyu(root, split: str, count: int, first: int = 1, h: int = 48, w: int = 64) -> None:
+    """`count` NYU-v2 images of h×w (JPEG + millimetre PNG) under official_splits/<split>/<scene>."""
+    rng = np.random.default_rng(first)
+    for i in range(first, first + count):
+        folder = root / "official_splits" / split / ("kitchen" if i % 2 else "office")
+        folder.mkdir(parents=True, exist_ok=True)
+        save_rgb(folder / f"rgb_{i:05d}.jpg", h, w, i)
+        write_png_depth(folder / f"sync_depth_{i:05d}.png", rng.uniform(0.5, 8, (h, w)), NYU_DEPTH_SCALE)
+
+
+def clips_of(dataset) -> set[str]:
+    return {seq for seq, _ in dataset.clips}
+
+
+def test_sequence_split_rule():
+    ranked = sequence_rank(SEQUENCES)
+    assert sorted(ranked) == sorted(SEQUENCES) and ranked == sequence_rank(list(reversed(SEQUENCES)))
+    split = split_sequences(SEQUENCES, 1, 1)
+    assert split["train"] == [ranked[0]] and split["val"] == [ranked[1]]
+    assert split["test"] == sorted(ranked[2:])
+    by_hand = split_sequences(SEQUENCES, ["market_2"], 1)  # val: the first ranked one not in train
+    assert by_hand["train"] == ["market_2"] and by_hand["val"] == [next(n for n in ranked if n != "market_2")]
+    # the documented split of the full 23 training sequences
+    full = split_sequences(
+        "alley_1 alley_2 ambush_2 ambush_4 ambush_5 ambush_6 ambush_7 bamboo_1 bamboo_2 bandage_1 bandage_2 "
+        "cave_2 cave_4 market_2 market_5 market_6 mountain_1 shaman_2 shaman_3 sleeping_1 sleeping_2 temple_2 "
+        "temple_3".split(),
+        3,
+        2,
+    )
+    assert full["train"] == ["alley_2", "ambush_2", "cave_4"] and full["val"] == ["ambush_6", "temple_2"]
+    assert len(full["test"]) == 18
+    with pytest.raises(ValueError, match="no Sintel sequence is left"):
+        split_sequences(SEQUENCES, 3, 1)
+    with pytest.raises(ValueError, match="share a sequence"):
+        split_sequences(SEQUENCES, ["cave_4"], ["cave_4"])
+    with pytest.raises(ValueError, match=r"\['cave_9'\] not among"):
+        split_sequences(SEQUENCES, ["cave_9"], 1)
+
+
+def test_sintel_datamodule_splits_hold_out_whole_sequences(tmp_path):
+    write_sintel(tmp_path / "sintel")
+    dm = RealDepthDataModule("sintel", tmp_path / "sintel", num_views=2, train_sequences=1, val_sequences=1)
+    dm.setup("fit")
+    train, val, test = (clips_of(dm.splits[k]) for k in ("train", "val", "test"))
+    assert len(train) == len(val) == 1 and len(test) == 2
+    assert not (train & test) and not (val & test) and not (train & val)
+    assert train | val | test == set(SEQUENCES)
+    assert len(dm.splits["test"]) == 4 and not dm.validates_on_test  # 2 clips of 2 frames per sequence
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["imgs"].shape == (1, 2, 3, 28, 42) and batch["depth"].shape == (1, 2, 28, 42)
+    for key in ("valid", "intrinsics", "camera_poses", "local_points", "points"):
+        assert key in batch
+    assert not torch.allclose(batch["camera_poses"][0, 0], batch["camera_poses"][0, 1])  # real poses
+    metrics = DepthPoseMetrics(max_depth=70)  # the poses are scored: the truth is exact
+    metrics.update(
+        batch["depth"], batch["depth"], batch["valid"], batch["camera_poses"], batch["camera_poses"]
+    )
+    values = metrics.compute()
+    assert float(values["abs_rel"]) < 1e-6 and float(values["rra30"]) == float(values["auc30"]) == 1
+    same = RealDepthDataModule("sintel", tmp_path / "sintel", num_views=2, train_sequences=1, val_sequences=0)
+    same.setup()
+    assert same.validates_on_test and same.splits["val"] is same.splits["test"]
+    with pytest.raises(MissingDatasetError, match=r"MPI-Sintel not found(.|\n)*training(.|\n)*sintel.is.tue"):
+        RealDepthDataModule("sintel", tmp_path / "nowhere").setup()
+
+
+def test_nyu_datamodule_official_train_split_or_scenes(tmp_path, caplog):
+    root = tmp_path / "nyu_v2"
+    write_nyu(root, "test", 3)
+    dm = RealDepthDataModule("nyu", root, num_views=1, size=(42, 56), val_size=2, train_size=4)
+    with caplog.at_level("INFO"):
+        dm.setup()
+    assert isinstance(dm.splits["train"], SceneDataset) and "procedural scenes" in dm.train_source
+    assert "procedural scenes" in caplog.text
+    test = next(iter(dm.test_dataloader()))
+    assert test["imgs"].shape == (1, 1, 3, 42, 56) and torch.equal(test["camera_poses"][0, 0], torch.eye(4))
+    scene = dm.splits["train"][0]
+    assert scene["imgs"].shape == (1, 3, 42, 56)  # one view at the test images' size
+    assert len(dm.splits["val"]) == 2 and dm.splits["val"].split == "val"
+
+    write_nyu(root, "train", 5, first=101)
+    official = RealDepthDataModule("nyu", root, num_views=1, size=(42, 56), val_size=2)
+    official.setup()
+    assert "official train split" in official.train_source
+    names = {
+        k: {official.splits[k].dataset.pairs[i][0].name for i in official.splits[k].indices}
+        for k in ("train", "val")
+    }
+    tests = {p.name for p, _ in official.splits["test"].pairs}
+    assert len(names["train"]) == 3 and len(names["val"]) == 2 and not names["train"] & names["val"]
+    assert not (names["train"] | names["val"]) & tests
+    with pytest.raises(ValueError, match="num_views=1"):
+        RealDepthDataModule("nyu", root, num_views=2)
+    with pytest.raises(MissingDatasetError, match=r"NYU-v2 \(test\) not found(.|\n)*official_splits"):
+        RealDepthDataModule("nyu", tmp_path / "nowhere", num_views=1).setup()
+
+
+@pytest.fixture
+def pi3_tiny_weights(tmp_path):
+    torch.manual_seed(0)
+    from structlab.models import build_model
+
+    weights = tmp_path / "pi3_tiny.safetensors"  # stands in for the official model.safetensors
+    save_file(build_model("pi3_tiny").state_dict(), str(weights))
+    return weights
+
+
+QUIET = ("model=pi3_tiny", "print_config=false", "trainer.enable_progress_bar=false", "trainer=cpu")
+
+
+def test_sintel_through_mode_compress(tmp_path, pi3_tiny_weights):
+    from structlab.train import run
+
+    write_sintel(tmp_path / "data" / "sintel")
+    summary = run(compose_train(
+        "task=depth_sintel", *QUIET, "mode=compress", f"model.ckpt_path={pi3_tiny_weights}",
+        "compress.method=svd", "compress.ratio=0.5", "compress.rank_multiple=1", f"paths.data_dir={tmp_path / 'data'}",
+        "task.data.num_views=2", "task.data.train_sequences=1", "task.data.val_sequences=1",
+        "task.data.num_workers=0", "task.data.batch_size=2", "calib.samples=2", output_dir=tmp_path / "run",
+    ))  # fmt: skip
+    test = summary["test"]
+    dense, small = test["test/abs_rel dense"], test["test/abs_rel compressed"]
+    assert math.isfinite(dense) and math.isfinite(small) and dense > 0 and small > 0
+    assert all(math.isfinite(v) for v in test.values())
+
+
+def test_nyu_single_frames_through_mode_compress(tmp_path, pi3_tiny_weights):
+    from structlab.train import run
+
+    write_nyu(tmp_path / "data" / "nyu_v2", "test", 3)
+    summary = run(compose_train(
+        "task=depth_nyu", *QUIET, "mode=compress", f"model.ckpt_path={pi3_tiny_weights}",
+        "compress.method=whitened_svd", "compress.ratio=0.5", "compress.rank_multiple=1",
+        f"paths.data_dir={tmp_path / 'data'}", "task.data.size=[28,42]", "task.data.train_size=2",
+        "task.data.val_size=1", "task.data.num_workers=0", "task.data.batch_size=2", "calib.samples=2",
+        output_dir=tmp_path / "run",
+    ))  # fmt: skip
+    test = summary["test"]
+    assert math.isfinite(test["test/abs_rel dense"]) and math.isfinite(test["test/abs_rel compressed"])
+    assert all(math.isfinite(v) for v in test.values())
+    assert not any("rra" in k or "auc" in k for k in test)  # one frame: no pose metrics
+    assert summary["compression"]["calibration"] == "2 samples from the train split"

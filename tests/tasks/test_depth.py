@@ -355,6 +355,30 @@ def test_module_trains_and_evaluates_a_small_network(tmp_path):
     assert torch.equal(loaded.eval()(x)["local_points"], m(x)["local_points"])
 
 
+def test_single_view_samples_train_and_evaluate_without_pose_terms(tmp_path):
+    """One frame per sample (NYU-v2): no frame pairs, so a zero camera loss and no pose metrics, and
+    nothing logged is NaN."""
+    from structlab.data.scenes import SceneDataset
+
+    torch.manual_seed(0)
+    options = {"num_views": 1, "height": 28, "width": 28, "num_objects": 2}
+    dm = L.LightningDataModule.from_datasets(
+        train_dataset=SceneDataset("train", 2, **options),
+        val_dataset=SceneDataset("val", 2, **options),
+        test_dataset=SceneDataset("test", 3, **options),
+        batch_size=2,
+    )
+    m = DepthModule(model={"name": "depth_test_net"}, scheduler={"warmup_epochs": 0.5})
+    t = trainer(tmp_path, max_epochs=1)
+    t.fit(m, datamodule=dm)
+    metrics = t.callback_metrics
+    assert float(metrics["train/camera"]) == 0 and all(torch.isfinite(v) for v in metrics.values())
+    assert {"val/abs_rel", "val/delta1", "val/rmse", "val/loss"} <= set(metrics)
+    (result,) = t.test(m, datamodule=dm)
+    assert set(result) == {f"test/{k}" for k in ("loss", "abs_rel", "delta1", "rmse")}
+    assert all(math.isfinite(v) for v in result.values())
+
+
 def test_a_non_finite_eval_loss_is_an_error(tmp_path):
     m = DepthModule(model={"name": "depth_test_nan"})
     with pytest.raises(FloatingPointError, match="val batch 0 gave a non-finite loss"):

@@ -4,6 +4,7 @@ from structlab.data.base import ImageDataModule, MissingDatasetError
 from structlab.data.cifar import CIFARDataModule
 from structlab.data.fashion_mnist import FashionMNISTDataModule
 from structlab.data.imagenet import ImageNetDataModule
+from structlab.data.real_depth import RealDepthDataModule
 from structlab.data.scenes import SceneDataModule
 from structlab.data.synthetic import SyntheticImageDataModule
 from structlab.data.synthetic_text import SyntheticTextDataModule
@@ -15,6 +16,7 @@ __all__ = [
     "ImageDataModule",
     "ImageNetDataModule",
     "MissingDatasetError",
+    "RealDepthDataModule",
     "SceneDataModule",
     "SyntheticImageDataModule",
     "SyntheticTextDataModule",
