@@ -188,6 +188,7 @@ class SplitDataModule(L.LightningDataModule):
             shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
             persistent_workers=False,  # a dataset that changes per epoch is re-sent to the workers
         )
 

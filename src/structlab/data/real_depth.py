@@ -25,11 +25,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 
-from structlab.data.base import HOLD_OUT_SEED, TEST_SPLIT, missing
+from structlab.data.base import HOLD_OUT_SEED, TEST_SPLIT, SplitDataModule, missing
 from structlab.data.depth_sets import NYUv2Dataset, SintelDataset
 from structlab.data.scenes import SceneDataset
 
@@ -90,7 +89,7 @@ def split_sequences(
     return {"train": chosen["train"], "val": chosen["val"], "test": test}
 
 
-class RealDepthDataModule(L.LightningDataModule):
+class RealDepthDataModule(SplitDataModule):
     """MPI-Sintel or NYU-v2 as train / val / test splits (module docstring for the split rules).
 
     dataset          sintel | nyu
@@ -124,7 +123,7 @@ class RealDepthDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         if dataset not in DATASETS:
             raise ValueError(f"task.data.dataset={dataset!r}; valid datasets: {', '.join(DATASETS)}")
         if dataset == "nyu" and num_views != 1:
@@ -140,9 +139,6 @@ class RealDepthDataModule(L.LightningDataModule):
         self.train_sequences = train_sequences if isinstance(train_sequences, int) else list(train_sequences)
         self.val_sequences = val_sequences if isinstance(val_sequences, int) else list(val_sequences)
         self.val_size, self.train_size, self.seed = val_size, train_size, seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.splits: dict[str, Dataset] = {}
         self.sequences: dict[str, list[str]] = {}  # Sintel: the sequences of each split
         self.train_source = ""  # what the train split holds, in words
         self.validation_split: str | None = None
@@ -246,31 +242,3 @@ class RealDepthDataModule(L.LightningDataModule):
         train = self.splits.get("train")
         if isinstance(train, SceneDataset):
             train.set_epoch(epoch)
-
-    # --- loaders ----------------------------------------------------------------------------------------
-    def _loader(self, split: str) -> DataLoader:
-        if split not in self.splits:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
-        train = split == "train"
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def train_batches_per_device(self, world: int) -> int | None:
-        if "train" not in self.splits:
-            return None
-        return -(-len(self.splits["train"]) // world) // self.batch_size
